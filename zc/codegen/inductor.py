@@ -1,0 +1,46 @@
+"""Hand a Dynamo graph to Inductor with zc's passes installed as its post-grad hook."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch._inductor.config as inductor_config
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+from zc.fx_passes.pass_manager import PassManager
+
+
+def _stage(kwargs: Mapping[str, Any]) -> str:
+    if kwargs.get("is_inference"):
+        return "inference"
+    return "backward" if kwargs.get("is_backward") else "forward"
+
+
+def compile_with_inductor(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    manager: PassManager,
+    inductor_patches: Mapping[str, Any],
+    on_code: Callable[[str, str], None],
+) -> Callable[..., Any]:
+    """Compile ``gm`` with Inductor; ``manager`` rewrites each ATen graph before lowering.
+
+    ``on_code(stage, source)`` receives Inductor's generated wrapper source (which embeds the
+    C++ / Triton kernels) for every graph compiled, including graphs served from the cache.
+    """
+    patches = dict(inductor_patches)
+    existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
+    patches["post_grad_custom_pre_pass"] = [*get_custom_graph_passes(existing), manager]
+
+    def inner_compile(graph_module, inputs, **kwargs):
+        stage = _stage(kwargs)
+        manager.begin_stage(stage)
+        compiled = compile_fx_inner(graph_module, inputs, **kwargs)
+        source = getattr(compiled, "source_code", None)
+        if source:
+            on_code(stage, source)
+        return compiled
+
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)

@@ -1,0 +1,312 @@
+"""zc's option schema: ``torch.compile(..., backend="zc", options=...)`` -> :class:`ZcConfig`.
+
+Every key is validated; an unknown key or a value of the wrong type raises ``ValueError`` naming
+the key, the closest valid name and every valid name. ``ZC_<KEY>`` environment variables
+override the options given in code (see :func:`ZcConfig.from_options`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+ENV_PREFIX = "ZC_"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Base of every per-pass sub-config. A pass runs only when ``enabled``.
+
+    The option value of a pass may be ``True`` (the pass with its defaults), ``False``/``None``
+    (off), a dict of its fields, an instance of the sub-config, or, when the sub-config names a
+    ``shorthand`` field, a bare value for that field (``{"quantize": "w8a8"}``).
+    """
+
+    enabled: bool = False
+
+    shorthand: ClassVar[str | None] = None
+    # Set to False by a pass whose implementation has not landed: enabling it is an error,
+    # never a silent no-op.
+    available: ClassVar[bool] = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanupConfig(PassConfig):
+    """Exact canonicalisation: removes ATen ops that return their input unchanged."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig(PassConfig):
+    """Static W8A8 / weight-only quantization with merged scales (issue #3)."""
+
+    available: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSkipConfig(PassConfig):
+    """Fewer tokens through deep blocks (issue #6)."""
+
+    available: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCacheConfig(PassConfig):
+    """Reuse work across diffusion denoising steps (issue #5)."""
+
+    available: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowAttentionConfig(PassConfig):
+    """Banded attention kernels (issue #4)."""
+
+    available: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OpGroupingConfig(PassConfig):
+    """Slice large activations to bound peak memory (issue #7)."""
+
+    available: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ZcConfig:
+    """The whole configuration of one ``torch.compile(..., backend="zc")``.
+
+    ``dump``: directory for graph dumps (captured graph, graph after each pass, report, generated
+    code); ``None`` writes nothing. ``strict``: re-raise a failing pass instead of skipping it.
+    ``inductor``: Inductor config patches (``torch._inductor.config`` names) for this compile.
+    The remaining fields are the passes, all off by default.
+    """
+
+    dump: str | None = None
+    strict: bool = False
+    inductor: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    cleanup: CleanupConfig = CleanupConfig()
+    window_attention: WindowAttentionConfig = WindowAttentionConfig()
+    token_skip: TokenSkipConfig = TokenSkipConfig()
+    step_cache: StepCacheConfig = StepCacheConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    op_grouping: OpGroupingConfig = OpGroupingConfig()
+
+    @classmethod
+    def from_options(
+        cls,
+        options: Mapping[str, Any] | ZcConfig | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> ZcConfig:
+        """Validate ``options`` (a dict or a ``ZcConfig``), then apply ``ZC_*`` overrides.
+
+        ``ZC_<KEY>`` (e.g. ``ZC_DUMP=/tmp/d``, ``ZC_STRICT=1``, ``ZC_CLEANUP=true``,
+        ``ZC_INDUCTOR='{"freezing": true}'``) replaces that key's value. The value is read as
+        a boolean word (1/0, true/false, yes/no, on/off), else as JSON, else as a plain string.
+        """
+        if isinstance(options, ZcConfig):
+            values = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)}
+        elif options is None:
+            values = {}
+        elif isinstance(options, Mapping):
+            values = dict(options)
+        else:
+            raise ValueError(
+                f"zc: options must be a dict or a zc.ZcConfig, got {type(options).__name__}"
+            )
+        values.update(_environment_overrides(os.environ if environ is None else environ))
+        return _build(cls, values, where="")
+
+    def enabled_passes(self) -> list[str]:
+        return [name for name in pass_names() if getattr(self, name).enabled]
+
+    def cache_key(self) -> str:
+        """A stable digest of everything that changes the compiled code (not ``dump``)."""
+        payload = {
+            "inductor": {k: repr(v) for k, v in sorted(self.inductor.items())},
+            **{name: dataclasses.asdict(getattr(self, name)) for name in pass_names()},
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=repr).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=repr))
+
+
+def pass_names() -> list[str]:
+    """The pass keys of :class:`ZcConfig`, in the order the pass manager runs them."""
+    return [
+        f.name
+        for f in dataclasses.fields(ZcConfig)
+        if isinstance(f.default, PassConfig)
+    ]
+
+
+def option_schema() -> dict[str, Any]:
+    """Every option key with its type and default, as data (for docs and error messages)."""
+
+    def describe(cls: type) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, PassConfig):
+                out[f.name] = {"type": "pass", "available": default.available, "fields": describe(type(default))}
+            else:
+                out[f.name] = {"type": _type_name(hints[f.name]), "default": default}
+        return out
+
+    return describe(ZcConfig)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _unknown(kind: str, name: str, valid: list[str]) -> ValueError:
+    return ValueError(
+        f"zc: unknown {kind} '{name}'.{_closest(name, valid)} Valid: {', '.join(valid)}"
+    )
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown("option", f"{where}{key}", [f"{where}{k}" for k in fields])
+        default = fields[key].default
+        if isinstance(default, PassConfig):
+            kwargs[key] = _build_pass(type(default), value, key)
+        else:
+            kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+    if "inductor" in kwargs:
+        _check_inductor_keys(kwargs["inductor"])
+    return cls(**kwargs)
+
+
+def _build_pass(cls: type[PassConfig], value: Any, key: str) -> PassConfig:
+    if isinstance(value, cls):
+        config = value
+    elif value is None or value is False:
+        config = cls()
+    elif value is True:
+        config = cls(enabled=True)
+    elif isinstance(value, Mapping):
+        config = _build(cls, {"enabled": True, **value}, where=f"{key}.")
+    elif cls.shorthand is not None and isinstance(value, (str, int, float, list)):
+        config = _build(cls, {"enabled": True, cls.shorthand: value}, where=f"{key}.")
+    else:
+        accepted = "True, False, a dict of its fields"
+        if cls.shorthand:
+            accepted += f", or a value for '{cls.shorthand}'"
+        raise ValueError(
+            f"zc: option '{key}' must be {accepted}; got {type(value).__name__} ({value!r})"
+        )
+    if config.enabled and not cls.available:
+        raise ValueError(
+            f"zc: option '{key}' names a pass that this version of zc does not provide yet; "
+            f"available passes: {', '.join(n for n in pass_names() if _pass_available(n))}"
+        )
+    return config
+
+
+def _pass_available(name: str) -> bool:
+    return type(next(f.default for f in dataclasses.fields(ZcConfig) if f.name == name)).available
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError:
+                pass
+        raise _wrong_type(key, hint, value)
+    if hint is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, str):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is Mapping or hint is dict:
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    else:  # a type the schema does not use yet: refuse rather than guess
+        raise TypeError(f"zc: no validator for option type {hint!r} ({key})")
+    raise _wrong_type(key, hint, value)
+
+
+def _wrong_type(key: str, hint: Any, value: Any) -> ValueError:
+    return ValueError(
+        f"zc: option '{key}' must be {_type_name(hint)}, got {type(value).__name__} ({value!r})"
+    )
+
+
+def _check_inductor_keys(patches: Mapping[str, Any]) -> None:
+    import torch._inductor.config as inductor_config
+
+    valid = inductor_config.get_config_copy()
+    for name in patches:
+        if name not in valid:
+            raise ValueError(
+                f"zc: unknown Inductor config name '{name}' in option 'inductor'."
+                f"{_closest(name, sorted(valid))} Valid names are those of torch._inductor.config."
+            )
+
+
+_TRUE_WORDS = {"1", "true", "yes", "on"}
+_FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+def _environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    hints = typing.get_type_hints(ZcConfig)
+    valid = {f"{ENV_PREFIX}{f.name.upper()}": f.name for f in dataclasses.fields(ZcConfig)}
+    overrides = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if name not in valid:
+            raise _unknown("environment variable", name, sorted(valid))
+        key = valid[name]
+        if hints[key] == str | None:  # a path: taken verbatim, empty means unset
+            overrides[key] = raw or None
+        else:
+            overrides[key] = _parse_env_value(raw)
+    return overrides
+
+
+def _parse_env_value(raw: str) -> Any:
+    word = raw.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw

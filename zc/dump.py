@@ -107,7 +107,7 @@ def render_report(report: dict[str, Any]) -> str:
         for p in stage["passes"]:
             details = [f"- rewrote {r['where']}: {r['what']}" for r in p["rewrites"]]
             details += [f"- skipped {s['where']}: {s['reason']}" for s in p["skips"]]
-            details += [f"- {k}: {v}" for k, v in p["metrics"].items() if k != "traceback"]
+            details += [f"- {k}: {v}" for k, v in p["metrics"].items() if v and k != "traceback"]
             if p["error"]:
                 details.append(f"- error: {p['error']}")
             if details:

@@ -3,14 +3,23 @@ import re
 import pytest
 import torch
 from expecttest import assert_expected_inline
+from torch._inductor.utils import fresh_cache
 
 import zc.fx_passes.cleanup as cleanup
 from zc.dump import load_report
-from zc.fx_passes.pass_manager import PassManager, ZcWarning
+from zc.fx_passes.pass_manager import PassManager, PassReport, ZcWarning
+from zc.runtime import Phase, PhasedExecutor
 from zc.config import ZcConfig
 from zc.dump import GraphDump
 
 aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True)
+def fresh_inductor_cache():
+    # These tests swap a pass's implementation at run time, which no cache key can see.
+    with fresh_cache():
+        yield
 
 
 def _model_and_input():
@@ -55,6 +64,55 @@ def test_uuid_changes_with_options_so_inductor_caches_stay_correct():
 
     assert uuid({}) == uuid({"dump": "/tmp/elsewhere"})
     assert uuid({}) != uuid({"cleanup": True})
+
+
+def test_uncacheable_pass_turns_inductor_caching_off(monkeypatch):
+    manager = PassManager(ZcConfig.from_options({"cleanup": True}, environ={}), "g", GraphDump(None, "g"), [])
+    assert manager.uuid() is not None
+    monkeypatch.setattr(cleanup, "CACHEABLE", False, raising=False)
+    assert manager.uuid() is None
+
+
+def test_context_maps_weight_placeholders_to_the_real_parameters(monkeypatch):
+    model, x = _model_and_input()
+    found = []
+
+    def collect_weights(gm, ctx):
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                found.append(ctx.constant_value(gm, node))
+        return PassReport("cleanup", status="unchanged")
+
+    monkeypatch.setattr(cleanup, "apply", collect_weights)
+    with torch.no_grad():
+        torch.compile(model, backend="zc", options={"cleanup": True})(x)
+    parameters = [p for p in found if p is not None]
+    assert {id(p) for p in parameters} == {id(p) for p in model.parameters()}
+    assert sum(p is None for p in found) == 1  # the activation input is not a constant
+
+
+def test_a_pass_can_wrap_the_compiled_graph_in_a_runtime_executor(monkeypatch):
+    model, x = _model_and_input()
+    phases = []
+
+    def calibrate_then_compiled(gm, ctx):
+        def wrap(compiled):
+            def observe(*args):
+                phases.append("calibrate")
+                return compiled(*args)
+
+            return PhasedExecutor([Phase("calibrate", build=lambda: observe, calls=2),
+                                   Phase("run", build=lambda: compiled)])
+
+        ctx.runtime_wrappers.append(wrap)
+        return PassReport("cleanup", status="unchanged")
+
+    monkeypatch.setattr(cleanup, "apply", calibrate_then_compiled)
+    compiled = torch.compile(model, backend="zc", options={"cleanup": True})
+    with torch.no_grad():
+        for _ in range(4):
+            torch.testing.assert_close(compiled(x), model(x))
+    assert phases == ["calibrate", "calibrate"]
 
 
 def test_training_graphs_get_only_exact_passes(tmp_path):

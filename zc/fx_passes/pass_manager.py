@@ -6,7 +6,10 @@ lowering. Running through Inductor's hook, rather than beside it, keeps Inductor
 cache and AOTAutograd cache correct: :meth:`PassManager.uuid` covers zc's version and every
 option that changes the graph, so a cache hit never skips a pass that should have run.
 
-A pass is a module ``zc.fx_passes.<name>`` with ``apply(gm, ctx) -> PassReport``. The order is
+A pass is a module ``zc.fx_passes.<name>`` with ``apply(gm, ctx) -> PassReport``. A pass whose
+result depends on more than the graph and its options (calibrated data, runtime wrappers that
+a cache hit would not re-register) sets ``CACHEABLE = False`` in its module: the manager's uuid
+is then ``None``, which makes Inductor bypass its caches for that compile. The order is
 the field order of :class:`zc.ZcConfig` (see :func:`zc.config.pass_names`). A pass that raises
 is rolled back and skipped with a warning, unless ``strict`` is set.
 """
@@ -14,17 +17,19 @@ is rolled back and skipped with a warning, unless ``strict`` is set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from operator import attrgetter
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from zc.config import ZcConfig
 from zc.dump import GraphDump
@@ -110,6 +115,10 @@ def resolve_pass(name: str) -> Callable[[torch.fx.GraphModule, PassContext], Pas
     return importlib.import_module(f"zc.fx_passes.{name}").apply
 
 
+def is_cacheable(name: str) -> bool:
+    return getattr(importlib.import_module(f"zc.fx_passes.{name}"), "CACHEABLE", True)
+
+
 class PassManager(CustomGraphPass):
     """zc's passes as one Inductor post-grad custom pass, with per-stage reports and dumps."""
 
@@ -122,10 +131,12 @@ class PassManager(CustomGraphPass):
         self.stages: list[dict[str, Any]] = []
         self.runtime_wrappers: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = []
 
-    def uuid(self) -> str:
+    def uuid(self) -> str | None:
         from zc import __version__
 
-        return f"zc-{__version__}-{self.config.cache_key()}"
+        if not all(is_cacheable(name) for name in self.config.enabled_passes()):
+            return None
+        return f"zc-{__version__}-{_source_hash()}-{self.config.cache_key()}"
 
     def begin_stage(self, stage: str) -> dict[str, Any]:
         self.stage = stage
@@ -179,6 +190,13 @@ class PassManager(CustomGraphPass):
             )
         report.seconds = time.perf_counter() - start
         return report
+
+
+@functools.cache
+def _source_hash() -> str:
+    """Digest of zc's sources, so an edited pass never reuses code cached by the old one."""
+    package = Path(__file__).resolve().parent.parent
+    return get_hash_for_files(tuple(sorted(str(p) for p in package.rglob("*.py")))).hex()
 
 
 def _restore(gm: torch.fx.GraphModule, backup: torch.fx.Graph) -> None:

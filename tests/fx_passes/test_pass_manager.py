@@ -6,11 +6,10 @@ from expecttest import assert_expected_inline
 from torch._inductor.utils import fresh_cache
 
 import zc.fx_passes.cleanup as cleanup
-from zc.dump import load_report
+from zc.config import ZcConfig
+from zc.dump import GraphDump, load_report
 from zc.fx_passes.pass_manager import PassManager, PassReport, ZcWarning
 from zc.runtime import Phase, PhasedExecutor
-from zc.config import ZcConfig
-from zc.dump import GraphDump
 
 aten = torch.ops.aten
 

@@ -4,16 +4,7 @@ import os
 
 import torch
 
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A compiler turns a program into code that a machine can run.",
-    "Rain is expected in the northern hills by the end of the week.",
-    "She measured the speed of the new kernel three times before trusting it.",
-    "Caching the deep layers between denoising steps saves most of the work.",
-    "The museum opens at nine and closes early on Sundays.",
-    "Quantized weights take a quarter of the memory of floats.",
-    "He planted tomatoes, basil and a row of sunflowers along the fence.",
-]
+from benchmarks.models import SENTENCES  # real text, shared with the benchmarks
 
 
 def minilm_path() -> str:

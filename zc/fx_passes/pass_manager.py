@@ -111,12 +111,16 @@ class PassContext:
         return None
 
 
+def _pass_module(name: str):
+    return importlib.import_module(f"zc.fx_passes.{name}")
+
+
 def resolve_pass(name: str) -> Callable[[torch.fx.GraphModule, PassContext], PassReport]:
-    return importlib.import_module(f"zc.fx_passes.{name}").apply
+    return _pass_module(name).apply
 
 
 def is_cacheable(name: str) -> bool:
-    return getattr(importlib.import_module(f"zc.fx_passes.{name}"), "CACHEABLE", True)
+    return getattr(_pass_module(name), "CACHEABLE", True)
 
 
 class PassManager(CustomGraphPass):

@@ -52,10 +52,16 @@ def test_inductor_patches_are_checked_against_inductor_config():
 
 
 def test_passes_not_yet_provided_refuse_to_be_enabled():
-    with pytest.raises(ValueError, match="'quantize' names a pass that this version of zc does not provide"):
-        ZcConfig.from_options({"quantize": True})
+    with pytest.raises(ValueError, match="'token_skip' names a pass that this version of zc does not provide"):
+        ZcConfig.from_options({"token_skip": True})
     # Off is always fine.
-    assert not ZcConfig.from_options({"quantize": False}).quantize.enabled
+    assert not ZcConfig.from_options({"token_skip": False}).token_skip.enabled
+
+
+def test_quantize_shorthand_and_list_fields():
+    config = ZcConfig.from_options({"quantize": "int4_weight_only"}, environ={}).quantize
+    assert config.enabled and config.mode == "int4_weight_only"
+    assert ZcConfig.from_options({"quantize": {"skip": ["pooler.*"]}}, environ={}).quantize.skip == ("pooler.*",)
 
 
 def test_config_object_is_accepted_as_options():
@@ -88,4 +94,4 @@ def test_schema_lists_every_option():
     schema = option_schema()
     assert schema["dump"] == {"type": "str | None", "default": None}
     assert schema["cleanup"]["type"] == "pass" and schema["cleanup"]["available"]
-    assert not schema["quantize"]["available"]
+    assert schema["quantize"]["available"] and not schema["token_skip"]["available"]

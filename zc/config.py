@@ -36,17 +36,65 @@ class PassConfig:
     # never a silent no-op.
     available: ClassVar[bool] = True
 
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the option when a value is out of its range."""
+
 
 @dataclasses.dataclass(frozen=True)
 class CleanupConfig(PassConfig):
     """Exact canonicalisation: removes ATen ops that return their input unchanged."""
 
 
+QUANTIZE_MODES = ("w8a8", "int8_weight_only", "int4_weight_only")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig(PassConfig):
-    """Static W8A8 / weight-only quantization with merged scales (issue #3)."""
+    """Post-training quantization of every Linear-like matmul with a large enough weight.
 
-    available: ClassVar[bool] = False
+    ``mode``: ``w8a8`` (int8 weights per output channel, int8 activations with static scales
+    from calibration, smoothing and quantization steps merged into the producing norm / op and
+    the dequantization into the GEMM epilogue), ``int8_weight_only`` or ``int4_weight_only``
+    (``group_size`` columns per scale). ``calibration_steps``: float calls observed before the
+    quantized code runs (w8a8). ``smooth_alpha``: SmoothQuant's migration strength in [0, 1];
+    ``None`` picks it per layer from the calibration samples. ``min_weight_size``: smaller
+    weights stay float. ``skip``: fnmatch patterns of module names kept float.
+    ``outlier_channels``: per group of linears, this many input channels with the largest
+    calibrated range skip quantization and run in a small float GEMM beside the int8 one (BERT-
+    style activation outliers would otherwise set the per-tensor step for every other channel).
+    ``layer_error_budget``: a layer whose mean per-row relative output error on the
+    calibration samples exceeds it stays float (reported). ``scales`` / ``save_scales``: load / save the
+    calibration so production never recalibrates.
+    """
+
+    mode: str = "w8a8"
+    calibration_steps: int = 8
+    smooth_alpha: float | None = None
+    min_weight_size: int = 16384
+    skip: tuple[str, ...] = ()
+    group_size: int = 128
+    outlier_channels: int = 8
+    layer_error_budget: float = 0.1
+    scales: str | None = None
+    save_scales: str | None = None
+
+    shorthand: ClassVar[str | None] = "mode"
+
+    def check(self) -> None:
+        if self.mode not in QUANTIZE_MODES:
+            raise ValueError(f"zc: option 'quantize.mode' must be one of {', '.join(QUANTIZE_MODES)}; got {self.mode!r}")
+        if self.calibration_steps < 1:
+            raise ValueError(f"zc: option 'quantize.calibration_steps' must be >= 1; got {self.calibration_steps}")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"zc: option 'quantize.smooth_alpha' must be in [0, 1] or None; got {self.smooth_alpha}")
+        if self.group_size not in (32, 64, 128):
+            raise ValueError(f"zc: option 'quantize.group_size' must be 32, 64 or 128; got {self.group_size}")
+        if self.outlier_channels < 0:
+            raise ValueError(f"zc: option 'quantize.outlier_channels' must be >= 0; got {self.outlier_channels}")
+        if self.min_weight_size < 1:
+            raise ValueError(f"zc: option 'quantize.min_weight_size' must be >= 1; got {self.min_weight_size}")
+        if self.layer_error_budget <= 0:
+            raise ValueError(f"zc: option 'quantize.layer_error_budget' must be > 0; got {self.layer_error_budget}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +261,7 @@ def _build_pass(cls: type[PassConfig], value: Any, key: str) -> PassConfig:
         raise ValueError(
             f"zc: option '{key}' must be {accepted}; got {type(value).__name__} ({value!r})"
         )
+    config.check()
     if config.enabled and not cls.available:
         raise ValueError(
             f"zc: option '{key}' names a pass that this version of zc does not provide yet; "
@@ -253,6 +302,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    elif origin is tuple and typing.get_args(hint) == (str, Ellipsis):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
     elif origin is Mapping or hint is dict:
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
             return dict(value)

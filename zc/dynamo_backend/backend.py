@@ -10,7 +10,7 @@ import itertools
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch._logging import trace_structured
 from zc.codegen.inductor import compile_with_inductor
 from zc.config import ZcConfig
 from zc.dump import GraphDump
-from zc.fx_passes.pass_manager import PassManager, ZcWarning
+from zc.fx_passes.pass_manager import PassManager, PassReport, ZcWarning
 
 log = logging.getLogger("zc")
 
@@ -47,23 +47,35 @@ def zc(
         patches["force_disable_caches"] = True
 
     start = time.perf_counter()
-    compiled = compile_with_inductor(gm, example_inputs, manager, patches, dump.write_code)
-    for wrap in manager.runtime_wrappers:
-        compiled = wrap(compiled)
+    seconds = 0.0
+    graph_passes: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+
+    def write_report() -> None:
+        report.update({
+            "graph_id": graph_id,
+            "dynamo_compile_id": dynamo_compile_id,
+            "device": _device_of(example_inputs),
+            "zc_version": _version(),
+            "torch_version": torch.__version__,
+            "enabled_passes": config.enabled_passes(),
+            "options": config.to_dict(),
+            "compile_seconds": seconds,
+            "graph_passes": graph_passes,
+            "stages": manager.stages,
+        })
+        dump.write_report(report)
+
+    dynamo_compile_id = str(torch._guards.CompileContext.current_compile_id())
+    compile_graph = _graph_compiler(example_inputs, manager, patches, dump)
+    compiled = None
+    if config.quantize.enabled:
+        compiled = _prepare_quantize(gm, example_inputs, config, compile_graph, dump, graph_passes, write_report)
+    if compiled is None:
+        compiled = compile_graph(gm)
     seconds = time.perf_counter() - start
 
-    report = {
-        "graph_id": graph_id,
-        "dynamo_compile_id": str(torch._guards.CompileContext.current_compile_id()),
-        "device": _device_of(example_inputs),
-        "zc_version": _version(),
-        "torch_version": torch.__version__,
-        "enabled_passes": config.enabled_passes(),
-        "options": config.to_dict(),
-        "compile_seconds": seconds,
-        "stages": manager.stages,
-    }
-    dump.write_report(report)
+    write_report()
     trace_structured(
         "artifact",
         metadata_fn=lambda: {"name": f"zc_report_{graph_id}", "encoding": "json"},
@@ -71,6 +83,79 @@ def zc(
     )
     _warn_if_training(manager, config)
     log.info(_summary(report, dump))
+    return compiled
+
+
+def _graph_compiler(example_inputs, manager, patches, dump) -> Callable[[torch.fx.GraphModule], Callable[..., Any]]:
+    """Compile a graph with ``example_inputs``' signature, now or after Dynamo has returned.
+
+    A pass that calibrates compiles its final graph calls later, outside Dynamo's compile; the
+    tracing context (its fake mode and shape environment, so symbolic sizes keep their
+    meaning) is re-entered for that compile. Guards cannot be added after Dynamo has installed
+    its own, so a deferred compile that would add one is an error instead of silently
+    specialising.
+    """
+    context = torch._guards.TracingContext.try_get()
+
+    def compile_graph(graph: torch.fx.GraphModule) -> Callable[..., Any]:
+        wrappers_before = len(manager.runtime_wrappers)
+        if context is None or torch._guards.TracingContext.try_get() is context:
+            compiled = compile_with_inductor(graph, example_inputs, manager, patches, dump.write_code)
+        else:
+            compiled = _compile_later(graph)
+        for wrap in manager.runtime_wrappers[wrappers_before:]:
+            compiled = wrap(compiled)
+        return compiled
+
+    def _compile_later(graph: torch.fx.GraphModule) -> Callable[..., Any]:
+        shape_env = context.fake_mode.shape_env
+        guards_before = len(shape_env.guards) if shape_env is not None else 0
+        fake_inputs = [n.meta["example_value"] for n in graph.graph.find_nodes(op="placeholder")]
+        with torch._guards.tracing(torch._guards.TracingContext(context.fake_mode)):
+            compiled = compile_with_inductor(graph, fake_inputs, manager, patches, dump.write_code)
+        if shape_env is not None and len(shape_env.guards) > guards_before:
+            new = [str(g.expr) for g in shape_env.guards[guards_before:]]
+            raise RuntimeError(
+                f"zc: the graph compiled after calibration needs shape guards Dynamo did not install: {new}"
+            )
+        return compiled
+
+    return compile_graph
+
+
+def _prepare_quantize(gm, example_inputs, config, compile_graph, dump, graph_passes, write_report):
+    from zc.fx_passes import quantize
+
+    pass_report = PassReport("quantize")
+    graph_passes.append(pass_report.to_dict())
+    start = time.perf_counter()
+
+    def record() -> None:
+        pass_report.seconds = time.perf_counter() - start
+        graph_passes[0] = pass_report.to_dict()
+
+    def on_quantized(graph: torch.fx.GraphModule) -> None:
+        dump.write_graph("quantize", graph)
+        record()
+        write_report()
+
+    try:
+        compiled = quantize.prepare(gm, example_inputs, config.quantize, compile_graph, pass_report, on_quantized)
+    except ValueError:
+        raise  # a bad option or a scales file that does not fit: the user's to fix
+    except Exception as error:
+        if config.strict:
+            raise
+        pass_report.status = "failed"
+        pass_report.error = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"zc: pass 'quantize' failed and was skipped: {pass_report.error}. The rest of the "
+            "compile goes on; options={'strict': True} re-raises.",
+            ZcWarning,
+            stacklevel=3,
+        )
+        compiled = None
+    record()
     return compiled
 
 

@@ -123,6 +123,11 @@ def is_cacheable(name: str) -> bool:
     return getattr(_pass_module(name), "CACHEABLE", True)
 
 
+def runs_on_dynamo_graph(name: str) -> bool:
+    """Passes that need the model across calls rewrite Dynamo's graph before Inductor."""
+    return getattr(_pass_module(name), "GRAPH_LEVEL", "aten") == "dynamo"
+
+
 class PassManager(CustomGraphPass):
     """zc's passes as one Inductor post-grad custom pass, with per-stage reports and dumps."""
 
@@ -157,6 +162,8 @@ class PassManager(CustomGraphPass):
         self.dump.write_graph(f"aten{suffix}", gm)
         ctx = PassContext(self.config, self.graph_id, self.stage, self.dynamo_inputs)
         for name in self.config.enabled_passes():
+            if runs_on_dynamo_graph(name):
+                continue
             if self.stage != "inference" and name not in TRAINING_SAFE_PASSES:
                 report = PassReport(name, status="skipped")
                 report.skipped(

@@ -144,9 +144,9 @@ def measure(workload: Workload, variant: Variant, timing: Timing, device: torch.
             call()
         blocks, eager_blocks = [], []
         while sum(map(len, blocks)) < timing.repeats or sum(map(sum, blocks)) < timing.min_seconds * 1e3:
-            blocks.append(_timed_block(call, device))
+            blocks.append(timed_block(call, device))
             if compiled:
-                eager_blocks.append(_timed_block(call_eager, device))
+                eager_blocks.append(timed_block(call_eager, device))
 
     times_ms = [t for block in blocks for t in block]
     return Measurement(
@@ -164,10 +164,12 @@ def measure(workload: Workload, variant: Variant, timing: Timing, device: torch.
     )
 
 
-def _timed_block(function: Callable[[], Any], device: torch.device) -> list[float]:
-    """ms of each of the calls of ``function`` made until ``INTERLEAVE_BLOCK_SECONDS`` are up."""
+def timed_block(
+    function: Callable[[], Any], device: torch.device, seconds: float = INTERLEAVE_BLOCK_SECONDS
+) -> list[float]:
+    """ms of each of the calls of ``function`` made until ``seconds`` are up."""
     times_ms: list[float] = []
-    while not times_ms or sum(times_ms) < INTERLEAVE_BLOCK_SECONDS * 1e3:
+    while not times_ms or sum(times_ms) < seconds * 1e3:
         synchronize(device)
         start = time.perf_counter()
         function()

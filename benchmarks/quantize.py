@@ -32,7 +32,15 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import environment, format_table, fresh_cache, plot_ms, select_device, write_results  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    environment,
+    format_table,
+    fresh_cache,
+    plot_ms,
+    select_device,
+    timed_block,
+    write_results,
+)
 from benchmarks.models import minilm_path  # noqa: E402
 
 
@@ -53,15 +61,11 @@ def real_sentences(count: int) -> list[str]:
 
 def interleaved_ms(calls: dict[str, Callable[[], Any]], rounds: int, block_s: float = 0.3) -> dict[str, list[float]]:
     """Per round, a block of each variant in turn; returns each variant's per-round median ms."""
+    device = select_device()
     out: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            times = []
-            while not times or sum(times) < block_s:
-                start = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - start)
-            out[name].append(statistics.median(times) * 1e3)
+            out[name].append(statistics.median(timed_block(call, device, block_s)))
     return out
 
 

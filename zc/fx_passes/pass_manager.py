@@ -106,9 +106,12 @@ class PassContext:
             ):
                 return None
         real = self.dynamo_inputs[placeholders.index(node)]
-        if isinstance(real, torch.nn.Parameter) or getattr(real, "_dynamo_static_input_type", None):
-            return real
-        return None
+        return real if is_weight_input(real) else None
+
+
+def is_weight_input(value: Any) -> bool:
+    """Whether a Dynamo input is a parameter or buffer (a constant across calls), not data."""
+    return isinstance(value, torch.nn.Parameter) or bool(getattr(value, "_dynamo_static_input_type", None))
 
 
 def _pass_module(name: str):

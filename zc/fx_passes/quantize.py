@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from zc.config import QuantizeConfig
-from zc.fx_passes.pass_manager import PassReport
+from zc.fx_passes.pass_manager import PassReport, is_weight_input
 
 log = logging.getLogger("zc")
 
@@ -158,7 +158,7 @@ def _constant(gm, node, placeholders, example_inputs) -> torch.Tensor | None:
         return value if isinstance(value, torch.Tensor) else None
     if node.op == "placeholder" and len(placeholders) == len(example_inputs):
         value = example_inputs[placeholders.index(node)]
-        if isinstance(value, torch.nn.Parameter) or getattr(value, "_dynamo_static_input_type", None):
+        if is_weight_input(value):
             return value
     return None
 
@@ -341,7 +341,7 @@ def build_quantized(
             continue
         x = by_name[group.input.name]
         if mode == "w8a8":
-            first_user = min((by_name[lin.node.name] for lin in group.linears), key=_position)
+            first_user = min(by_name[lin.node.name] for lin in group.linears)  # FX nodes order by position
             with new.graph.inserting_before(first_user):
                 q, merged_into = _quantized_input(new, x, plan, constants, example_inputs)
         for lin in group.linears:
@@ -368,10 +368,6 @@ def build_quantized(
     new.graph.lint()
     new.recompile()
     return new
-
-
-def _position(node: torch.fx.Node) -> int:
-    return next(i for i, n in enumerate(node.graph.nodes) if n is node)
 
 
 def _call(graph: torch.fx.Graph, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
@@ -532,14 +528,11 @@ def prepare(
         return finish(plans)
 
     def plans_from(calibration: Calibration) -> dict[str, GroupPlan]:
-        with unset_fake_temporarily():  # real arithmetic on the weights, inside Dynamo's compile
-            return _plans(calibration)
-
-    def _plans(calibration: Calibration) -> dict[str, GroupPlan]:
         plans = {}
-        for g in groups:
-            stats = calibration.groups[g.key]
-            plans[g.key] = plan_w8a8(g, stats.amax, stats.samples(), config, stats.decided)
+        with unset_fake_temporarily():  # real arithmetic on the weights, inside Dynamo's compile
+            for g in groups:
+                stats = calibration.groups[g.key]
+                plans[g.key] = plan_w8a8(g, stats.amax, stats.samples(), config, stats.decided)
         if config.save_scales:
             save_scales(config.save_scales, calibration, groups, plans)
             report.metrics["saved_scales"] = config.save_scales

@@ -21,7 +21,9 @@ from torch._logging import trace_structured
 from zc.codegen.inductor import compile_with_inductor
 from zc.config import ZcConfig
 from zc.dump import GraphDump
-from zc.fx_passes.pass_manager import PassManager, PassReport, ZcWarning
+from zc.fx_passes.pass_manager import PassManager, PassReport, ZcWarning, pass_module, runs_on_dynamo_graph
+
+GraphCompiler = Callable[..., Callable[..., Any]]
 
 log = logging.getLogger("zc")
 
@@ -68,11 +70,9 @@ def zc(
 
     dynamo_compile_id = str(torch._guards.CompileContext.current_compile_id())
     compile_graph = _graph_compiler(example_inputs, manager, patches, dump)
-    compiled = None
-    if config.quantize.enabled:
-        compiled = _prepare_quantize(gm, example_inputs, config, compile_graph, dump, graph_passes, write_report)
-    if compiled is None:
-        compiled = compile_graph(gm)
+    for name in reversed([n for n in config.enabled_passes() if runs_on_dynamo_graph(n)]):
+        compile_graph = _dynamo_level_pass(name, example_inputs, config, compile_graph, dump, graph_passes, write_report)
+    compiled = compile_graph(gm)
     seconds = time.perf_counter() - start
 
     write_report()
@@ -86,33 +86,37 @@ def zc(
     return compiled
 
 
-def _graph_compiler(example_inputs, manager, patches, dump) -> Callable[[torch.fx.GraphModule], Callable[..., Any]]:
-    """Compile a graph with ``example_inputs``' signature, now or after Dynamo has returned.
+def _graph_compiler(example_inputs, manager, patches, dump) -> GraphCompiler:
+    """Compile a Dynamo-level graph through Inductor, now or after Dynamo has returned.
 
-    A pass that calibrates compiles its final graph calls later, outside Dynamo's compile; the
-    tracing context (its fake mode and shape environment, so symbolic sizes keep their
-    meaning) is re-entered for that compile. Guards cannot be added after Dynamo has installed
-    its own, so a deferred compile that would add one is an error instead of silently
-    specialising.
+    ``compile_graph(graph, inputs=None)``: ``inputs`` are the graph's example inputs when they
+    are not Dynamo's (a partition of the graph, for instance). A pass that calibrates compiles
+    its final graph calls later, outside Dynamo's compile; the tracing context (its fake mode
+    and shape environment, so symbolic sizes keep their meaning) is re-entered for that
+    compile. Guards cannot be added after Dynamo has installed its own, so a deferred compile
+    that would add one is an error instead of silently specialising.
     """
     context = torch._guards.TracingContext.try_get()
 
-    def compile_graph(graph: torch.fx.GraphModule) -> Callable[..., Any]:
+    def compile_graph(graph: torch.fx.GraphModule, inputs: Sequence[Any] | None = None) -> Callable[..., Any]:
         wrappers_before = len(manager.runtime_wrappers)
         if context is None or torch._guards.TracingContext.try_get() is context:
-            compiled = compile_with_inductor(graph, example_inputs, manager, patches, dump.write_code)
+            compiled = compile_with_inductor(
+                graph, example_inputs if inputs is None else inputs, manager, patches, dump.write_code
+            )
         else:
-            compiled = _compile_later(graph)
+            compiled = _compile_later(graph, inputs)
         for wrap in manager.runtime_wrappers[wrappers_before:]:
             compiled = wrap(compiled)
         return compiled
 
-    def _compile_later(graph: torch.fx.GraphModule) -> Callable[..., Any]:
+    def _compile_later(graph: torch.fx.GraphModule, inputs: Sequence[Any] | None) -> Callable[..., Any]:
         shape_env = context.fake_mode.shape_env
         guards_before = len(shape_env.guards) if shape_env is not None else 0
-        fake_inputs = [n.meta["example_value"] for n in graph.graph.find_nodes(op="placeholder")]
+        if inputs is None:
+            inputs = [n.meta["example_value"] for n in graph.graph.find_nodes(op="placeholder")]
         with torch._guards.tracing(torch._guards.TracingContext(context.fake_mode)):
-            compiled = compile_with_inductor(graph, fake_inputs, manager, patches, dump.write_code)
+            compiled = compile_with_inductor(graph, inputs, manager, patches, dump.write_code)
         if shape_env is not None and len(shape_env.guards) > guards_before:
             new = [str(g.expr) for g in shape_env.guards[guards_before:]]
             raise RuntimeError(
@@ -123,40 +127,57 @@ def _graph_compiler(example_inputs, manager, patches, dump) -> Callable[[torch.f
     return compile_graph
 
 
-def _prepare_quantize(gm, example_inputs, config, compile_graph, dump, graph_passes, write_report):
-    from zc.fx_passes import quantize
+def _dynamo_level_pass(name, example_inputs, config, compile_rest, dump, graph_passes, write_report) -> GraphCompiler:
+    """Wrap ``compile_rest`` with the Dynamo-level pass ``name`` (see ``runs_on_dynamo_graph``).
 
-    pass_report = PassReport("quantize")
-    graph_passes.append(pass_report.to_dict())
-    start = time.perf_counter()
+    Such a pass module provides ``prepare(gm, example_inputs, pass_config, compile_rest,
+    report, on_rewritten)``: it returns the callable zc hands Dynamo for ``gm`` (usually a
+    :mod:`zc.runtime` executor around graphs it compiled with ``compile_rest(graph, inputs)``,
+    which runs the later Dynamo-level passes and then Inductor), or ``None`` to step aside, in
+    which case ``gm`` goes on unchanged. ``on_rewritten(graph)`` dumps a graph it built. A pass
+    that raises anything but ``ValueError`` (the user's option or file is wrong) is skipped
+    with a ``ZcWarning`` unless ``strict`` is set. Each call records its own report.
+    """
+    module = pass_module(name)
+    pass_config = getattr(config, name)
 
-    def record() -> None:
-        pass_report.seconds = time.perf_counter() - start
-        graph_passes[0] = pass_report.to_dict()
+    def compile_graph(gm: torch.fx.GraphModule, inputs: Sequence[Any] | None = None) -> Callable[..., Any]:
+        report = PassReport(name)
+        index = len(graph_passes)
+        graph_passes.append(report.to_dict())
+        start = time.perf_counter()
 
-    def on_quantized(graph: torch.fx.GraphModule) -> None:
-        dump.write_graph("quantize", graph)
-        record()
-        write_report()
+        def record() -> None:
+            report.seconds = time.perf_counter() - start
+            graph_passes[index] = report.to_dict()
 
-    try:
-        compiled = quantize.prepare(gm, example_inputs, config.quantize, compile_graph, pass_report, on_quantized)
-    except ValueError:
-        raise  # a bad option or a scales file that does not fit: the user's to fix
-    except Exception as error:
-        if config.strict:
+        def on_rewritten(graph: torch.fx.GraphModule) -> None:
+            dump.write_graph(name, graph)
+            record()
+            write_report()
+
+        try:
+            compiled = module.prepare(
+                gm, example_inputs if inputs is None else inputs, pass_config, compile_rest, report, on_rewritten
+            )
+        except ValueError:
             raise
-        pass_report.status = "failed"
-        pass_report.error = f"{type(error).__name__}: {error}"
-        warnings.warn(
-            f"zc: pass 'quantize' failed and was skipped: {pass_report.error}. The rest of the "
-            "compile goes on; options={'strict': True} re-raises.",
-            ZcWarning,
-            stacklevel=3,
-        )
-        compiled = None
-    record()
-    return compiled
+        except Exception as error:
+            if config.strict:
+                raise
+            report.status = "failed"
+            report.error = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"zc: pass '{name}' failed and was skipped: {report.error}. The rest of the "
+                "compile goes on; options={'strict': True} re-raises.",
+                ZcWarning,
+                stacklevel=3,
+            )
+            compiled = None
+        record()
+        return compile_rest(gm, inputs) if compiled is None else compiled
+
+    return compile_graph
 
 
 def _mode_options(mode: str | None) -> dict[str, Any]:

@@ -114,21 +114,21 @@ def is_weight_input(value: Any) -> bool:
     return isinstance(value, torch.nn.Parameter) or bool(getattr(value, "_dynamo_static_input_type", None))
 
 
-def _pass_module(name: str):
+def pass_module(name: str):
     return importlib.import_module(f"zc.fx_passes.{name}")
 
 
 def resolve_pass(name: str) -> Callable[[torch.fx.GraphModule, PassContext], PassReport]:
-    return _pass_module(name).apply
+    return pass_module(name).apply
 
 
 def is_cacheable(name: str) -> bool:
-    return getattr(_pass_module(name), "CACHEABLE", True)
+    return getattr(pass_module(name), "CACHEABLE", True)
 
 
 def runs_on_dynamo_graph(name: str) -> bool:
     """Passes that need the model across calls rewrite Dynamo's graph before Inductor."""
-    return getattr(_pass_module(name), "GRAPH_LEVEL", "aten") == "dynamo"
+    return getattr(pass_module(name), "GRAPH_LEVEL", "aten") == "dynamo"
 
 
 class PassManager(CustomGraphPass):

@@ -111,11 +111,64 @@ class StepCacheConfig(PassConfig):
     available: ClassVar[bool] = False
 
 
+WINDOW_ATTENTION_MODES = ("exact", "approximate")
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowAttentionConfig(PassConfig):
-    """Banded attention kernels (issue #4)."""
+    """Banded attention: only the band of keys each query may see is computed (FlexAttention).
 
-    available: ClassVar[bool] = False
+    Exact mode (``window`` unset): attention whose boolean mask the pass can prove to be a
+    sliding window (built from index arithmetic, as ``transformers`` does for Mistral / Qwen2)
+    runs as FlexAttention with a block mask cached per input shape; the output equals the dense
+    masked attention. Approximate mode (``window`` set, e.g. ``{"window_attention": 512}``):
+    every attention call keeps its own mask (causal, padding) and additionally sees only the
+    last ``window`` keys, one int for all layers or one per attention call in graph order.
+    ``head_groups``: split the heads of each layer into this many groups, group g seeing
+    ``window * 2**(g - head_groups // 2)`` keys (multi-scale windows, as in MSWA). ``sink``:
+    this many leading keys stay visible to every query. ``block_size``: the block mask's tile
+    (queries and keys), a multiple of 16.
+    """
+
+    window: int | tuple[int, ...] | None = None
+    head_groups: int = 1
+    sink: int = 0
+    block_size: int = 128
+
+    shorthand: ClassVar[str | None] = "window"
+
+    @property
+    def mode(self) -> str:
+        return "exact" if self.window is None else "approximate"
+
+    def windows(self, layers: int) -> list[int]:
+        """The window of each of ``layers`` attention calls (approximate mode)."""
+        if isinstance(self.window, int):
+            return [self.window] * layers
+        if len(self.window) != layers:
+            raise ValueError(
+                f"zc: option 'window_attention.window' lists {len(self.window)} windows but the graph "
+                f"has {layers} attention calls; give one int for all layers or one per attention call"
+            )
+        return list(self.window)
+
+    def check(self) -> None:
+        windows = (self.window,) if isinstance(self.window, int) else (self.window or ())
+        if isinstance(self.window, tuple) and not self.window:
+            raise ValueError("zc: option 'window_attention.window' is an empty list; give an int or one per layer")
+        for window in windows:
+            if window <= 0:
+                raise ValueError(f"zc: option 'window_attention.window' must be > 0; got {self.window}")
+        if self.head_groups < 1:
+            raise ValueError(f"zc: option 'window_attention.head_groups' must be >= 1; got {self.head_groups}")
+        if self.head_groups > 1 and self.window is None:
+            raise ValueError("zc: option 'window_attention.head_groups' needs 'window_attention.window' (approximate mode)")
+        if self.sink < 0:
+            raise ValueError(f"zc: option 'window_attention.sink' must be >= 0; got {self.sink}")
+        if self.sink and self.window is None:
+            raise ValueError("zc: option 'window_attention.sink' needs 'window_attention.window' (approximate mode)")
+        if self.block_size < 16 or self.block_size % 16:
+            raise ValueError(f"zc: option 'window_attention.block_size' must be a multiple of 16; got {self.block_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,9 +355,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif origin is tuple and typing.get_args(hint) == (str, Ellipsis):
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
+    elif origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
+        if isinstance(value, (list, tuple)):
+            try:
+                return tuple(_coerce(v, typing.get_args(hint)[0], key) for v in value)
+            except ValueError:
+                pass  # reported below with the whole type
     elif origin is Mapping or hint is dict:
         if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
             return dict(value)

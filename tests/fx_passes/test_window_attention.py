@@ -1,0 +1,248 @@
+"""window_attention: exactness on masks real transformers models build (Mistral, Qwen2) with
+padding and KV caches, the dense fallback, dynamic shapes without recompiles, the generated flex
+kernel, approximate windows, and bad input.
+
+Most tests run the rewritten Dynamo graph eagerly (FlexAttention's eager implementation honours
+the block mask and the mask_mod), which checks the rewrite without an Inductor compile; two
+tests compile end to end through zc and Inductor.
+"""
+
+import pytest
+import torch
+import torch._dynamo.utils as dynamo_utils
+from torch._inductor.utils import run_and_get_code
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from zc.config import ZcConfig
+from zc.fx_passes import window_attention
+from zc.fx_passes.pass_manager import PassReport
+
+WINDOW = 16
+BLOCK = 16  # small blocks so that short test sequences have skippable blocks
+
+
+def mistral(window=WINDOW, layers=2):
+    config = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                           max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    return MistralForCausalLM(config).eval()
+
+
+def qwen2(window=WINDOW):
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                         sliding_window=window, max_window_layers=0, max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(config).eval()
+
+
+def capture(model, kwargs):
+    """Dynamo's graph of ``model(**kwargs)`` and its example inputs."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(**kwargs)
+    assert len(graphs) == 1, "the model should be one graph"
+    return graphs[0]
+
+
+def prepare(gm, example, options):
+    """The pass on a captured graph, its 'compiled' graph being the rewritten FX graph itself."""
+    config = ZcConfig.from_options({"window_attention": options}, environ={}).window_attention
+    report = PassReport("window_attention")
+    with torch.no_grad():
+        executor = window_attention.prepare(gm, example, config, lambda g, inputs=None: g, report, lambda g: None)
+    return executor, report
+
+
+def rewrite(model, kwargs, **options):
+    """(original graph, executor or None, example inputs, report) with the rewritten graph run eagerly."""
+    gm, example = capture(model, kwargs)
+    executor, report = prepare(gm, example, {"block_size": BLOCK, **options})
+    return gm, executor, example, report
+
+
+def assert_exact(gm, executor, example):
+    with torch.no_grad():
+        expected = gm(*example)
+        got = executor(*example)
+    for e, g in zip(expected, got):
+        if isinstance(e, torch.Tensor) and e.is_floating_point():
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def logits(outputs):
+    return next(o for o in outputs if isinstance(o, torch.Tensor) and o.dim() == 3 and o.shape[-1] == 97)
+
+
+def flex_calls(executor):
+    return [n for n in executor.compiled.graph.nodes if n.target is torch.ops.higher_order.flex_attention]
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_mistral_prefill_is_exact_and_banded(use_cache):
+    ids = torch.randint(0, 97, (1, 64))
+    gm, executor, example, report = rewrite(mistral(), {"input_ids": ids, "use_cache": use_cache})
+    assert executor is not None, report.skips
+    assert report.status == "applied" and len(report.rewrites) == 2
+    assert len(flex_calls(executor)) == 2
+    assert not any(n.target in window_attention.SDPA_TARGETS for n in executor.compiled.graph.nodes)
+    assert_exact(gm, executor, example)
+    # One block mask per shape, shared by both layers: 4x4 blocks, each query block sees at
+    # most two key blocks (its own and the previous: window 16 = one block).
+    kv_num_blocks = executor.block_masks[next(iter(executor.block_masks))][0]
+    full = executor.block_masks[next(iter(executor.block_masks))][2] if executor.specs[0].full_blocks else 0
+    assert int((kv_num_blocks + full).max()) == 2
+    # Without a cache transformers checks packed sequences (a cumsum over positions): that term
+    # stays in the mask as a leaf, so no block is marked full; with a cache the mask is index-only.
+    assert executor.specs[0].full_blocks == use_cache
+
+
+def test_qwen2_prefill_is_exact():
+    ids = torch.randint(0, 97, (2, 48))
+    gm, executor, example, report = rewrite(qwen2(), {"input_ids": ids})
+    assert executor is not None and len(report.rewrites) == 2, report.skips
+    assert_exact(gm, executor, example)
+
+
+def test_padding_with_window_is_exact():
+    ids = torch.randint(0, 97, (2, 64))
+    attention_mask = torch.ones(2, 64, dtype=torch.long)
+    attention_mask[1, :9] = 0  # left padding
+    gm, executor, example, report = rewrite(mistral(), {"input_ids": ids, "attention_mask": attention_mask})
+    assert executor is not None and len(report.rewrites) == 2, report.skips
+    assert "attention_mask" in report.rewrites[0]["what"]  # the padding mask is read by the mask_mod
+    assert not executor.specs[0].full_blocks
+    with torch.no_grad():
+        expected = logits(gm(*example))
+        got = logits(executor(*example))
+    # Padded query rows attend to nothing: SDPA and flex disagree there by convention only.
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 9:], expected[1, 9:], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_and_single_token_decode_with_kv_cache():
+    model = mistral()
+    ids = torch.randint(0, 97, (1, 80))
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :40], past_key_values=cache, use_cache=True)
+    # A 24-token chunk after 40 cached tokens: query positions are offset by the cache.
+    gm, executor, example, report = rewrite(model, {"input_ids": ids[:, 40:64], "past_key_values": cache})
+    assert executor is not None, report.skips
+    assert_exact(gm, executor, example)
+    # One token: the cache holds the window, so every key is visible and nothing is banded.
+    gm, executor, example, report = rewrite(model, {"input_ids": ids[:, 40:41], "past_key_values": cache})
+    assert executor is None
+    assert report.skips and all("dense SDPA kept" in s["reason"] or "no attention mask" in s["reason"] for s in report.skips)
+
+
+def test_window_not_shorter_than_sequence_keeps_dense_attention():
+    ids = torch.randint(0, 97, (2, 40))
+    # No padding: transformers itself passes no mask (is_causal).
+    _, executor, _, report = rewrite(mistral(window=64), {"input_ids": ids})
+    assert executor is None and all("no attention mask" in s["reason"] for s in report.skips)
+    # Padding: a mask is built, but with 128-token blocks every block is needed: SDPA stays.
+    attention_mask = torch.ones(2, 40, dtype=torch.long)
+    attention_mask[0, :3] = 0
+    gm, example = capture(mistral(window=64), {"input_ids": ids, "attention_mask": attention_mask})
+    executor, report = prepare(gm, example, True)
+    assert executor is None
+    assert report.skips and all("covers every key block" in s["reason"] for s in report.skips), report.skips
+
+
+class DenseMaskAttention(torch.nn.Module):
+    """Attention whose mask is an input: nothing proves it banded."""
+
+    def forward(self, q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_unprovable_mask_is_reported_and_left_alone():
+    q = torch.randn(1, 2, 32, 8)
+    mask = torch.ones(32, 32, dtype=torch.bool).tril()
+    gm, example = capture(DenseMaskAttention(), {"q": q, "k": q, "v": q, "mask": mask})
+    executor, report = prepare(gm, example, True)
+    assert executor is None
+    assert report.status == "skipped"
+    assert "mask not provably banded" in report.skips[0]["reason"] and "l_mask_" in report.skips[0]["reason"]
+
+
+def test_bad_options():
+    for options, match in [
+        (0, "window_attention.window"),
+        ([16, -1], "window_attention.window"),
+        ({"window": 16, "head_groups": 0}, "window_attention.head_groups"),
+        ({"window": 16, "sink": -2}, "window_attention.sink"),
+        ({"block_size": 20}, "window_attention.block_size"),
+        ({"sink": 4}, "window_attention.sink"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ZcConfig.from_options({"window_attention": options}, environ={})
+    ids = torch.randint(0, 97, (1, 32))
+    with pytest.raises(ValueError, match="window_attention.window.*3 windows.*2 attention calls"):
+        rewrite(mistral(), {"input_ids": ids}, window=[8, 8, 8])
+    with pytest.raises(ValueError, match="window_attention.head_groups"):
+        rewrite(mistral(), {"input_ids": ids}, window=8, head_groups=3)
+
+
+def llama():
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
+def test_approximate_window_equals_a_sliding_window_model():
+    """A full-attention Llama with window W computes what the same weights do as a Mistral
+    with sliding_window=W (same architecture apart from the mask)."""
+    torch.manual_seed(0)
+    full = llama()
+    sliding = mistral(window=WINDOW)
+    sliding.load_state_dict(full.state_dict())
+    ids = torch.randint(0, 97, (1, 64))
+    gm, executor, example, report = rewrite(full, {"input_ids": ids}, window=WINDOW)
+    assert executor is not None and len(report.rewrites) == 2
+    with torch.no_grad():
+        got = logits(executor(*example))
+        expected = sliding(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_approximate_head_groups_and_sink():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 97, (1, 64))
+    gm, executor, example, report = rewrite(llama(), {"input_ids": ids}, window=[16, 32], head_groups=2, sink=4)
+    assert executor is not None
+    assert "window [8, 16], sink 4" in report.rewrites[0]["what"]
+    mask_mod = executor.compiled.get_submodule("zc_window_mask_0")
+    q_idx, kv_idx = torch.tensor(40), torch.tensor(list(range(64)))
+    visible = [[bool(mask_mod(torch.tensor(0), torch.tensor(h), q_idx, kv)) for kv in kv_idx] for h in (0, 3)]
+    assert [i for i, v in enumerate(visible[0]) if v] == list(range(4)) + list(range(33, 41))  # window 8 + sink
+    assert [i for i, v in enumerate(visible[1]) if v] == list(range(4)) + list(range(25, 41))  # window 16 + sink
+
+
+def test_end_to_end_flex_kernel_exact_and_no_recompiles_across_lengths():
+    """zc + Inductor with dynamic shapes: one graph for every length, one block mask per length,
+    and the generated code runs Inductor's flex attention template instead of SDPA."""
+    model = mistral()
+    compiled = torch.compile(model, backend="zc", dynamic=True,
+                             options={"window_attention": {"block_size": BLOCK}, "strict": True})
+    with torch.no_grad():
+        ids = torch.randint(0, 97, (1, 48))
+        got, code = run_and_get_code(lambda: compiled(ids).logits)
+        torch.testing.assert_close(got, model(ids).logits, rtol=1e-4, atol=1e-4)
+        graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+        for length in (64, 80, 64):
+            ids = torch.randint(0, 97, (1, length))
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+    source = "\n".join(code)
+    assert "scaled_dot_product" not in source
+    assert "flex_attention" in source

@@ -92,6 +92,8 @@ def test_mistral_prefill_is_exact_and_banded(use_cache):
     assert executor is not None, report.skips
     assert report.status == "applied" and len(report.rewrites) == 2
     assert len(flex_calls(executor)) == 2
+    # Grouped-query attention: flex reads the 2 key/value heads, transformers' repeat_kv copy is gone.
+    assert all(c.args[1].meta["example_value"].shape[1] == 2 for c in flex_calls(executor))
     assert not any(n.target in window_attention.SDPA_TARGETS for n in executor.compiled.graph.nodes)
     assert_exact(gm, executor, example)
     # One block mask per shape, shared by both layers: 4x4 blocks, each query block sees at

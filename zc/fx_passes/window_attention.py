@@ -43,7 +43,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.nn.attention.flex_attention import _apply_kernel_options, create_block_mask
+from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, _apply_kernel_options, create_block_mask
 
 from zc.config import WindowAttentionConfig
 from zc.fx_passes.pass_manager import PassReport
@@ -56,6 +56,9 @@ log = logging.getLogger("zc")
 GRAPH_LEVEL = "dynamo"
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+# Inductor's C++ flex template ran a 256-token window ~10% faster with 64-token blocks than
+# with 128 (benchmarks/window_attention.py); smaller blocks waste less of the band's edges.
+CPU_BLOCK_SIZE = 64
 # Block masks kept per executor (one per distinct input shape).
 MAX_CACHED_SHAPES = 64
 
@@ -665,7 +668,7 @@ def _plan(attention, window, config, analysis, binder, specs, report):
                 f"number of heads ({H}) of {attention.node.name}"
             )
         q_len = Q if isinstance(Q, int) else _SizeLeaf("q_len", Q, attention.query, 2)
-        kv_len = KV if isinstance(KV, int) else _SizeLeaf("kv_len", KV, attention.key, 2)
+        kv_len = KV if isinstance(KV, int) else _SizeLeaf("kv_len", KV, _unrepeated_kv(attention.key), 2)
         extra, group_windows = _window_term(window, config.head_groups, H, config.sink,
                                             attention.is_causal or attention.mask is not None, q_len, kv_len)
     elif attention.mask is None:
@@ -695,8 +698,9 @@ def _plan(attention, window, config, analysis, binder, specs, report):
     spec_sizes = (B if uses_b else 1, H if uses_h else 1, Q, KV)
     full_blocks = len(structure_terms) == len(attention_terms)
     device = _example(attention.query).device
+    block_size = config.block_size or (CPU_BLOCK_SIZE if device.type == "cpu" else _DEFAULT_SPARSE_BLOCK_SIZE)
     spec = BlockSpec(structure_gm, list(structure_leaves), tuple(_size_expr(s) for s in spec_sizes),
-                     full_blocks, spec_sizes, device, config.block_size)
+                     full_blocks, spec_sizes, device, block_size)
     key = (structure_gm.code, tuple(n.name for n in structure_leaves), spec.sizes, full_blocks)
 
     # At the compiled shape: a structure that admits every block gains nothing; keep SDPA.
@@ -735,6 +739,29 @@ def _hint_bindings(binder: SizeBinder, spec: BlockSpec, attention: Attention) ->
         return {}
     values = shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val") else shape_env.var_to_val
     return {s: sympy.Integer(v) for s, v in values.items()}
+
+
+def _unrepeated_kv(node: torch.fx.Node) -> torch.fx.Node:
+    """``x`` when ``node`` is transformers' ``repeat_kv(x)`` (each key/value head repeated for
+    its group of query heads: ``x[:, :, None].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D)``).
+    FlexAttention maps query head h to key head h // n itself, so the copy is not needed."""
+    if node.op != "call_method" or node.target != "reshape" or not isinstance(node.args[0], torch.fx.Node):
+        return node
+    expand = node.args[0]
+    if expand.op != "call_method" or expand.target != "expand" or not isinstance(expand.args[0], torch.fx.Node):
+        return node
+    unsqueezed = expand.args[0]
+    full = slice(None)
+    if (unsqueezed.target is not operator.getitem
+            or unsqueezed.args[1] != (full, full, None, full, full)):
+        return node
+    source = unsqueezed.args[0]
+    before, after = _example(source), _example(node)
+    if not isinstance(before, torch.Tensor) or before.dim() != 4 or after.dim() != 4:
+        return node
+    if before.shape[0] != after.shape[0] or before.shape[2:] != after.shape[2:]:
+        return node
+    return source
 
 
 def _identity_score_mod() -> torch.fx.GraphModule:
@@ -777,7 +804,10 @@ def _rewrite(gm: torch.fx.GraphModule, plans, specs, used_specs, fake_mode) -> l
             kv_nb, kv_idx, full_kv_nb, full_kv_idx, q_nb, q_idx, full_q_nb, full_q_idx = tensors
         else:
             (kv_nb, kv_idx, q_nb, q_idx), full_kv_nb, full_kv_idx, full_q_nb, full_q_idx = tensors, None, None, None, None
-        q_value, k_value, v_value = (_example(n) for n in (attention.query, attention.key, attention.value))
+        key, value = _unrepeated_kv(attention.key), _unrepeated_kv(attention.value)
+        if _example(key).shape[1] != _example(value).shape[1]:
+            key, value = attention.key, attention.value
+        q_value, k_value, v_value = (_example(n) for n in (attention.query, key, value))
         scale = attention.scale
         if scale is None:
             scale = 1.0 / math.sqrt(q_value.shape[-1])
@@ -794,7 +824,7 @@ def _rewrite(gm: torch.fx.GraphModule, plans, specs, used_specs, fake_mode) -> l
                 return sizes[source, dim]
 
             q_len = size_node(attention.query, 2, q_value.shape[2])
-            kv_len = size_node(attention.key, 2, k_value.shape[2])
+            kv_len = size_node(key, 2, k_value.shape[2])
             buffers = tuple(size_node(leaf.source, leaf.dim, leaf.value) if isinstance(leaf, _SizeLeaf) else leaf
                             for leaf in leaves)
             score_mod = graph.get_attr("zc_window_score_mod")
@@ -804,7 +834,7 @@ def _rewrite(gm: torch.fx.GraphModule, plans, specs, used_specs, fake_mode) -> l
             options = _apply_kernel_options(q_value, k_value, v_value, False, None)
             flex = graph.call_function(
                 torch.ops.higher_order.flex_attention,
-                (attention.query, attention.key, attention.value, score_mod, block_mask, scale, options, (), buffers),
+                (attention.query, key, value, score_mod, block_mask, scale, options, (), buffers),
             )
             out = graph.call_function(operator.getitem, (flex, 0))
         out.meta.update(sdpa.meta)

@@ -135,6 +135,22 @@ def _merge_leaves(terms) -> tuple[torch.fx.Node, ...]:
     return tuple(dict.fromkeys(leaf for t in terms for leaf in t.leaves))
 
 
+def _is_int(value: Any, constant: int) -> bool:
+    return type(value) is int and value == constant
+
+
+def _apply(op: Callable, *values: Any) -> Any:
+    """``op(*values)`` without the identities index arithmetic is full of (``x + 0``, ``x * 1``),
+    so the mask_mod Inductor compiles into every partial block stays short."""
+    if len(values) == 2:
+        a, b = values
+        if op is operator.add and _is_int(a, 0) or op is operator.mul and _is_int(a, 1):
+            return b
+        if op in (operator.add, operator.sub) and _is_int(b, 0) or op is operator.mul and _is_int(b, 1):
+            return a
+    return op(*values)
+
+
 def _example(node: Any) -> Any:
     if isinstance(node, _SizeLeaf):
         return node.value
@@ -238,7 +254,10 @@ class MaskAnalysis:
         if any(len(p.terms) != 1 or p.shape != () for p in parts):
             return None
         s, t = parts[0].terms[0], parts[1].terms[0]
-        return Elem(shape, (Term(lambda c, env: s.fn((), env) + c[0] * t.fn((), env), _merge_leaves((s, t)), True),), False)
+        def fn(c, env):
+            return _apply(operator.add, s.fn((), env), _apply(operator.mul, c[0], t.fn((), env)))
+
+        return Elem(shape, (Term(fn, _merge_leaves((s, t)), True),), False)
 
     def _binary(self, op, a, b, shape, is_bool) -> Elem:
         if op is operator.and_ and is_bool:
@@ -261,7 +280,7 @@ class MaskAnalysis:
             parts.append((term, coord_map))
 
         def fn(c, env):
-            return op(*(t.fn(m(c), env) for t, m in parts))
+            return _apply(op, *(t.fn(m(c), env) for t, m in parts))
 
         terms = [t for t, _ in parts]
         return Elem(shape, (Term(fn, _merge_leaves(terms), all(t.pure for t in terms)),), is_bool)
@@ -322,7 +341,8 @@ class MaskAnalysis:
             return None
 
         def coord_map(c):
-            return tuple(p[1] if p[0] == "fixed" else p[2] + c[p[1]] * p[3] for p in plan)
+            return tuple(p[1] if p[0] == "fixed" else _apply(operator.add, p[2], _apply(operator.mul, c[p[1]], p[3]))
+                         for p in plan)
 
         return _remap(self.elem(source), shape, coord_map)
 

@@ -247,3 +247,24 @@ def test_end_to_end_flex_kernel_exact_and_no_recompiles_across_lengths():
     source = "\n".join(code)
     assert "scaled_dot_product" not in source
     assert "flex_attention" in source
+
+
+def test_block_mask_built_in_row_bands_equals_create_block_mask(monkeypatch):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def window(b, h, q, kv):
+        return (kv <= q) & (kv > q - 40)
+
+    structure = window_attention.trace_mask([window_attention.Term(lambda c, env: window(*c))], [], lambda c: c)
+    monkeypatch.setattr(window_attention, "MASK_ELEMENTS_PER_CHUNK", 4096)  # several bands of rows
+    for full_blocks in (True, False):
+        spec = window_attention.BlockSpec(structure, [], (1, 1, 300, 300), full_blocks, (1, 1, 300, 300),
+                                          torch.device("cpu"), 32)
+        built = spec.build({})
+        ref = create_block_mask(window, 1, 1, 300, 300, device="cpu", BLOCK_SIZE=32, separate_full_blocks=full_blocks)
+        expected = [ref.kv_num_blocks, ref.kv_indices, ref.full_kv_num_blocks, ref.full_kv_indices,
+                    ref.q_num_blocks, ref.q_indices, ref.full_q_num_blocks, ref.full_q_indices]
+        expected = [t for t in expected if t is not None]
+        assert len(built) == len(expected) == spec.tensor_count()
+        for got, want in zip(built, expected):
+            torch.testing.assert_close(got, want)

@@ -12,7 +12,7 @@ conjunction of terms; this conjunction is FlexAttention's ``mask_mod`` (so the o
 dense masked attention), and the terms that read no leaf, i.e. depend only on indices and
 sizes, form the *structure*: every pair the mask admits, the structure admits too. The block
 mask comes from the structure alone, so it depends only on the input shapes: an executor builds
-it once per shape (``create_block_mask``) and passes its tensors to the compiled graph, whose
+it once per shape (a band of query rows at a time) and passes its tensors to the compiled graph, whose
 FlexAttention call Inductor compiles to its flex template (C++ on CPU, Triton on GPU). Blocks
 the structure fills entirely are marked full (no mask evaluated) only when the mask has no leaf
 terms; otherwise every computed block applies the whole mask.
@@ -43,7 +43,13 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, _apply_kernel_options, create_block_mask
+from torch.nn.attention.flex_attention import (
+    _DEFAULT_SPARSE_BLOCK_SIZE,
+    _apply_kernel_options,
+    _convert_mask_to_block_mask,
+    _create_sparse_block_from_block_mask,
+    create_mask,
+)
 
 from zc.config import WindowAttentionConfig
 from zc.fx_passes.pass_manager import PassReport
@@ -59,6 +65,8 @@ SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_
 # Inductor's C++ flex template ran a 256-token window ~10% faster with 64-token blocks than
 # with 128 (benchmarks/window_attention.py); smaller blocks waste less of the band's edges.
 CPU_BLOCK_SIZE = 64
+# Booleans of the structure evaluated at once when a block mask is built (16 MiB).
+MASK_ELEMENTS_PER_CHUNK = 1 << 24
 # Block masks kept per executor (one per distinct input shape).
 MAX_CACHED_SHAPES = 64
 
@@ -457,12 +465,21 @@ class BlockSpec:
         b, h, q, kv = (_evaluate(s, bindings) for s in self.sizes)
         structure = self.structure
 
-        def mask_mod(b_, h_, q_, kv_):
-            return structure(b_, h_, q_, kv_, *scalars)
+        # The structure is evaluated densely, a band of query rows at a time, so the memory
+        # stays ~MASK_ELEMENTS_PER_CHUNK booleans whatever the sequence length.
+        rows = max(1, MASK_ELEMENTS_PER_CHUNK // max(b * h * kv, 1) // self.block_size) * self.block_size
+        partial, full = [], []
+        for start in range(0, q, rows):
+            def rows_mod(b_, h_, q_, kv_, start=start):
+                return structure(b_, h_, q_ + start, kv_, *scalars)
 
-        mask = create_block_mask(
-            mask_mod, b, h, q, kv, device=self.device, BLOCK_SIZE=self.block_size,
-            separate_full_blocks=self.full_blocks,
+            dense = create_mask(rows_mod, b, h, min(rows, q - start), kv, self.device)
+            blocks = _convert_mask_to_block_mask(dense, self.block_size, self.block_size, self.full_blocks)
+            partial.append(blocks[0])
+            full.append(blocks[1])
+        mask = _create_sparse_block_from_block_mask(
+            (torch.cat(partial, 2), torch.cat(full, 2) if self.full_blocks else None),
+            None, (q, kv), self.block_size, self.block_size,
         )
         tensors = [mask.kv_num_blocks, mask.kv_indices]
         if self.full_blocks:

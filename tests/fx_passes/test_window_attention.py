@@ -21,11 +21,11 @@ WINDOW = 16
 BLOCK = 16  # small blocks so that short test sequences have skippable blocks
 
 
-def mistral(window=WINDOW, layers=2):
+def mistral(window=WINDOW, layers=2, attention="sdpa"):
     config = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
                            max_position_embeddings=512)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     return MistralForCausalLM(config).eval()
 
 
@@ -126,6 +126,23 @@ def test_padding_with_window_is_exact():
         got = logits(executor(*example))
     # Padded query rows see no key at all: both SDPA on CPU and flex return zeros there.
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_matmul_softmax_matmul_attention_is_exact():
+    """transformers' eager attention (additive where(mask, 0, min) before the softmax)."""
+    ids = torch.randint(0, 97, (2, 64))
+    attention_mask = torch.ones(2, 64, dtype=torch.long)
+    attention_mask[1, :9] = 0
+    gm, executor, example, report = rewrite(mistral(attention="eager"), {"input_ids": ids, "attention_mask": attention_mask})
+    assert executor is not None and len(report.rewrites) == 2, report.skips
+    assert not any(n.target is torch.nn.functional.softmax for n in executor.compiled.graph.nodes)
+    with torch.no_grad():
+        expected = logits(gm(*example))
+        got = logits(executor(*example))
+    # Rows that see no key (the first padding query) differ by convention: eager softmax
+    # averages every value there, flex returns zeros. Every other row matches.
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 9:], expected[1, 9:], rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_and_single_token_decode_with_kv_cache():

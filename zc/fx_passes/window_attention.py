@@ -17,6 +17,10 @@ FlexAttention call Inductor compiles to its flex template (C++ on CPU, Triton on
 the structure fills entirely are marked full (no mask evaluated) only when the mask has no leaf
 terms; otherwise every computed block applies the whole mask.
 
+Attention written out as matmul -> (scale) -> + where(mask, 0, -big) -> softmax -> matmul
+(transformers' eager implementation) is read as SDPA with that boolean mask; it differs only in
+rows where every key is masked (eager averages all values, flex returns zeros).
+
 A mask whose structure admits every block at the compiled shape (window >= sequence length)
 keeps the dense SDPA call, exactly; so does a mask with no index-only term (a dense mask passed
 in as an input), reported with the node it depends on.
@@ -569,10 +573,113 @@ class Attention:
         return cls(node, bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                    bool(bound.get("is_causal", False)), bound.get("scale"))
 
+    @classmethod
+    def parse_eager(cls, node: torch.fx.Node) -> Attention | str:
+        """Attention written out as ``matmul(softmax(matmul(q, k^T) [* scale] [+ mask]), v)``
+        (transformers' eager attention), the additive mask being ``where(allowed, 0, -big)``.
+
+        Adding a large negative number before the softmax is masking, except in a row where
+        every key is masked: there eager attention averages all values and flex returns zeros.
+        """
+        weights, value = node.args
+        chain = []
+        if _is_call(weights, "dropout"):
+            if weights.kwargs.get("p", weights.args[1] if len(weights.args) > 1 else 0.5) not in (0, 0.0) and \
+                    weights.kwargs.get("training", weights.args[2] if len(weights.args) > 2 else True):
+                return "dropout is active"
+            chain.append(weights)
+            weights = weights.args[0]
+        if _is_call(weights, "to"):
+            chain.append(weights)
+            weights = weights.args[0]
+        softmax = weights
+        dim = softmax.kwargs.get("dim", softmax.args[1] if len(softmax.args) > 1 else None)
+        if dim not in (-1, 3):
+            return "softmax is not over the last dim"
+        chain.append(softmax)
+        scores = softmax.args[0]
+        mask = None
+        if _is_call(scores, "add"):
+            chain.append(scores)
+            scores, additive = scores.args
+            mask = _boolean_of_additive_mask(additive)
+            if mask is None:
+                return f"additive mask {getattr(additive, 'name', additive)} is not where(allowed, 0, -big)"
+        scale = 1.0
+        if _is_call(scores, "mul") and isinstance(scores.args[1], (int, float)):
+            chain.append(scores)
+            scores, scale = scores.args[0], float(scores.args[1])
+        if not _is_call(scores, "matmul"):
+            return "no matmul(query, key^T) before the softmax (score modifications are not handled)"
+        chain.append(scores)
+        query, key_t = scores.args
+        if not (_is_call(key_t, "transpose") and tuple(d % 4 for d in key_t.args[1:3]) in ((2, 3), (3, 2))):
+            return "the key of matmul(query, key^T) is not a transpose of its last two dims"
+        if any(len(n.users) != 1 for n in chain):
+            return "the attention weights are used elsewhere (e.g. returned)"
+        return cls(node, query, key_t.args[0], value, mask, False, scale)
+
     @property
     def sizes(self) -> tuple:
         q, k = _example(self.query), _example(self.key)
         return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+_CALLS = {
+    "matmul": (torch.matmul, operator.matmul),
+    "softmax": (F.softmax, torch.softmax),
+    "dropout": (F.dropout,),
+    "add": (operator.add, torch.add),
+    "mul": (operator.mul, torch.mul),
+    "transpose": (torch.transpose,),
+    "to": (),
+}
+
+
+def _is_call(node: Any, name: str) -> bool:
+    """``node`` calls ``name`` as a function (torch / operator) or as a tensor method."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target == name
+    return node.op == "call_function" and node.target in _CALLS[name]
+
+
+def _boolean_of_additive_mask(additive: Any) -> torch.fx.Node | None:
+    """``allowed`` when ``additive`` is ``where(allowed, 0, v)`` with ``v`` at most -1e30."""
+    if not (isinstance(additive, torch.fx.Node) and additive.op == "call_function" and additive.target is torch.where):
+        return None
+    allowed, zero, negative = additive.args
+    zero_value = _example(zero)
+    if isinstance(zero, torch.fx.Node):
+        if zero.target is not torch.zeros or zero_value.dim() != 0:
+            return None
+    elif zero != 0:
+        return None
+    if not isinstance(negative, (int, float)) or negative > -1e30:
+        return None
+    return allowed if _example(allowed).dtype == torch.bool else None
+
+
+def _attention_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """SDPA calls and the final matmul of every matmul-softmax-matmul, in graph order."""
+    calls = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in SDPA_TARGETS:
+            calls.append(n)
+        elif _is_call(n, "matmul") and len(n.args) == 2 and _reads_softmax(n.args[0]):
+            calls.append(n)
+    return calls
+
+
+def _reads_softmax(node: Any) -> bool:
+    for _ in range(3):  # through dropout and a dtype cast
+        if _is_call(node, "softmax"):
+            return True
+        if not (_is_call(node, "dropout") or _is_call(node, "to")):
+            return False
+        node = node.args[0]
+    return False
 
 
 def _attention_frame(mask_shape: tuple) -> Callable[[tuple], tuple]:
@@ -643,23 +750,21 @@ def prepare(
         report.skipped("graph", "autograd is on: window_attention rewrites inference graphs only "
                        "(call the model under torch.no_grad() or torch.inference_mode())")
         return None
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
-    if not calls:
+    if not _attention_calls(gm):
         report.status = "skipped"
-        report.skipped("graph", "no scaled_dot_product_attention call")
+        report.skipped("graph", "no attention (scaled_dot_product_attention or matmul-softmax-matmul)")
         return None
-    windows = config.windows(len(calls)) if config.mode == "approximate" else [None] * len(calls)
-
     # Dynamo keeps reading its own graph after the backend returns: rewrite a copy.
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+    calls = _attention_calls(gm)
+    windows = config.windows(len(calls)) if config.mode == "approximate" else [None] * len(calls)
     binder = SizeBinder(gm)
     analysis = MaskAnalysis()
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     specs: dict[Any, BlockSpec] = {}
     plans = []
     for node, window in zip(calls, windows):
-        attention = Attention.parse(node)
+        attention = Attention.parse(node) if node.target in SDPA_TARGETS else Attention.parse_eager(node)
         if isinstance(attention, str):
             report.skipped(node.name, attention)
             continue

@@ -113,6 +113,24 @@ def test_qwen2_prefill_is_exact():
     assert_exact(gm, executor, example)
 
 
+def test_gemma3_sliding_layers_with_padding_are_exact():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=WINDOW,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    ids = torch.randint(0, 97, (2, 64))
+    attention_mask = torch.ones(2, 64, dtype=torch.long)
+    attention_mask[0, :5] = 0
+    gm, executor, example, report = rewrite(Gemma3ForCausalLM(config).eval(), {"input_ids": ids, "attention_mask": attention_mask})
+    assert executor is not None, report.skips
+    # The sliding layer and the full (causal + padding) layer both become flex: the causal
+    # structure alone skips the blocks above the diagonal.
+    assert len(report.rewrites) == 2
+    assert_exact(gm, executor, example)
+
+
 def test_padding_with_window_is_exact():
     ids = torch.randint(0, 97, (2, 64))
     attention_mask = torch.ones(2, 64, dtype=torch.long)

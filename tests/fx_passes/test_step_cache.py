@@ -101,7 +101,7 @@ def test_bad_options_name_the_option():
 def test_unet_structure_and_interval_schedule_match_an_eager_reference():
     model = tiny_unet()
     compiled, reports = cached(model, interval=3)
-    freezer = DeepFreezer(model, "up_blocks.0")
+    freezer = DeepFreezer(model, "up_blocks.1.resnets.0")
     x = torch.randn(2, 1, 8, 8)  # batch 2: classifier-free guidance batched in one call is one state
     expected_reuse = []
     with torch.no_grad():
@@ -114,7 +114,9 @@ def test_unet_structure_and_interval_schedule_match_an_eager_reference():
             torch.testing.assert_close(out, freezer.model(x, torch.tensor(t)).sample, rtol=1e-4, atol=1e-5)
     (report,) = reports
     assert report.metrics["structure"] == "unet-skip"
-    assert report.metrics["deep_stages"] == ["down_blocks.1", "mid_block", "up_blocks.0"]
+    # DeepCache's outermost branch: only conv_in, the last up layer and the output layers stay
+    assert report.metrics["deep_stages"][0] == "down_blocks.0.resnets.0"
+    assert report.metrics["deep_stages"][-1] == "up_blocks.1.resnets.0"
     assert report.metrics["reuse"] == "output"
     (executor,) = executors()
     counters = executor.report()["counters"]
@@ -151,7 +153,7 @@ def test_new_generation_resets_and_repeated_or_random_timesteps_compute():
 def test_sequential_guidance_calls_keep_a_cache_per_branch():
     model = tiny_unet()
     compiled, _ = cached(model, interval=3)
-    freezer = DeepFreezer(model, "up_blocks.0")
+    freezer = DeepFreezer(model, "up_blocks.1.resnets.0")
     uncond, cond = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS[:6]):
@@ -342,6 +344,7 @@ def test_structure_of_a_conditional_unet_with_guidance_batch():
                                    model(**{**kwargs, "timestep": torch.tensor(TIMESTEPS[4])})[0], rtol=1e-4, atol=1e-5)
     (report,) = reports
     assert report.metrics["structure"] == "unet-skip"
-    assert report.metrics["deep_stages"] == ["down_blocks.1", "mid_block", "up_blocks.0"]
+    assert report.metrics["deep_stages"][0] == "down_blocks.0.resnets.0"
+    assert "between 'conv_in' and 'up_blocks.1.resnets.1'" in report.rewrites[0]["what"]
     assert executors()[0].state.counters["deep_reused"] == 2
     assert out.shape == kwargs["sample"].shape

@@ -96,10 +96,26 @@ def module_path(node: torch.fx.Node) -> tuple[str, ...]:
 
 
 def _stage_of(node: torch.fx.Node) -> Stage | None:
+    """Block level: the top-level submodule, or the entry of a top-level ``ModuleList``."""
     path = module_path(node)
     if not path:
         return None
     return path[:2] if len(path) > 1 and path[1].isdigit() else path[:1]
+
+
+def _layer_of(node: torch.fx.Node) -> Stage | None:
+    """Layer level: a ``ModuleList`` entry inside a block (``down_blocks.0.resnets.1``).
+
+    Ops written directly in a block's ``forward`` (a UNet up block's skip concatenation) are
+    glue, like root-level ops: their inputs' stages are what they pass on.
+    """
+    path = module_path(node)
+    indices = [i for i, name in enumerate(path) if name.isdigit()]
+    if len(indices) >= 2:
+        return path[:indices[1] + 1]
+    if indices and indices[0] == len(path) - 1:
+        return None
+    return path[:indices[0] + 1] if indices else path[:1] if path else None
 
 
 def _module_type(node: torch.fx.Node, depth: int) -> Any:
@@ -124,10 +140,10 @@ class Region:
 class _Graph:
     """Op positions, stages and the feature-map edges between stages of a Dynamo graph."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, stage_of: Callable[[torch.fx.Node], Stage | None] = _stage_of):
         self.nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
         self.position = {n: i for i, n in enumerate(self.nodes)}
-        self.stage = {n: _stage_of(n) for n in self.nodes}
+        self.stage = {n: stage_of(n) for n in self.nodes}
         self.order: list[Stage] = list(dict.fromkeys(s for s in self.stage.values() if s is not None))
         self.index = {s: i for i, s in enumerate(self.order)}
         self.output_index = len(self.order)
@@ -223,8 +239,10 @@ def find_block_chain(graph: _Graph) -> list[Stage]:
 
 
 def find_region(gm: torch.fx.GraphModule, depth: int, report: PassReport) -> Region | None:
+    # Skip levels between layers (DeepCache's branches: the outermost keeps only the first and
+    # last layer in the shallow path), else between blocks; else a chain of repeated blocks.
+    unet = find_unet_regions(_Graph(gm, _layer_of)) or find_unet_regions(_Graph(gm))
     graph = _Graph(gm)
-    unet = find_unet_regions(graph)
     if unet:
         if depth > len(unet):
             report.skipped("graph", f"depth {depth} asked, but the U-shaped graph has {len(unet)} cacheable skip level(s)")
@@ -426,7 +444,9 @@ def _deep_io(gm: torch.fx.GraphModule, region: Region, submodule: torch.fx.Graph
     outputs_tuple = isinstance(output, (tuple, list))
     output_nodes = list(output) if outputs_tuple else [output]
     residual_output = None
-    if stream_input is not None:
+    # A block chain's remaining blocks add a residual to their input stream (first-block
+    # caching reuses that residual); a UNet's inner part is reused as is (DeepCache).
+    if stream_input is not None and region.kind == "repeated-blocks":
         shaped_like_stream = [
             i for i, out in enumerate(output_nodes)
             if isinstance(out, torch.fx.Node) and _rank(out) >= 3

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                      "zc interval 5 depth 3": {"interval": 5, "depth": 3}}
     dit_variants = {"eager": None, "inductor": None, "zc interval 2": 2, "zc interval 3": 3,
                     "zc threshold 0.05": {"threshold": 0.05}, "zc threshold 0.1": {"threshold": 0.1},
-                    "zc threshold 0.2": {"threshold": 0.2}}
+                    "zc threshold 0.2": {"threshold": 0.2}, "zc max_error 0.05": {"max_error": 0.05}}
     if args.quick:
         unet_variants = {k: v for k, v in unet_variants.items() if k not in ("zc interval 3 depth 2", "zc interval 5 depth 3")}
         dit_variants = {k: v for k, v in dit_variants.items() if k not in ("zc interval 2", "zc threshold 0.05")}

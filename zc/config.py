@@ -117,7 +117,9 @@ class StepCacheConfig(PassConfig):
     (1 = the outermost, the most reuse), or the number of leading blocks of a block chain run
     every step. ``max_consecutive``: most reused steps in a row (default ``interval - 1``, or 4
     with a threshold). ``min_steps``: a generation whose timestep spacing implies fewer steps
-    computes every step (0 = always cache).
+    computes every step (0 = always cache). ``max_error``: adaptive with a threshold calibrated
+    on the first generation (computed in full): the largest threshold whose reuse would have kept
+    the relative L1 error of the deep partition's outputs under ``max_error`` on that generation.
     """
 
     interval: int = 3
@@ -125,6 +127,7 @@ class StepCacheConfig(PassConfig):
     depth: int = 1
     max_consecutive: int | None = None
     min_steps: int = 10
+    max_error: float | None = None
 
     shorthand: ClassVar[str | None] = "interval"
 
@@ -137,6 +140,11 @@ class StepCacheConfig(PassConfig):
             raise ValueError(f"zc: option 'step_cache.depth' must be >= 1; got {self.depth}")
         if self.max_consecutive is not None and self.max_consecutive < 0:
             raise ValueError(f"zc: option 'step_cache.max_consecutive' must be >= 0 or None; got {self.max_consecutive}")
+        if self.max_error is not None and self.max_error <= 0:
+            raise ValueError(f"zc: option 'step_cache.max_error' must be > 0 or None; got {self.max_error}")
+        if self.max_error is not None and self.threshold is not None:
+            raise ValueError("zc: options 'step_cache.max_error' and 'step_cache.threshold' exclude each other: "
+                             "max_error calibrates the threshold")
         if self.min_steps < 0:
             raise ValueError(f"zc: option 'step_cache.min_steps' must be >= 0; got {self.min_steps}")
 

@@ -348,3 +348,37 @@ def test_structure_of_a_conditional_unet_with_guidance_batch():
     assert "between 'conv_in' and 'up_blocks.1.resnets.1'" in report.rewrites[0]["what"]
     assert executors()[0].state.counters["deep_reused"] == 2
     assert out.shape == kwargs["sample"].shape
+
+
+def test_max_error_calibrates_a_threshold_on_the_first_generation():
+    with pytest.raises(ValueError, match="step_cache.max_error"):
+        ZcConfig.from_options({"step_cache": {"max_error": 0}})
+    with pytest.raises(ValueError, match="exclude each other"):
+        ZcConfig.from_options({"step_cache": {"max_error": 0.1, "threshold": 0.1}})
+    model = tiny_dit()
+    x, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+
+    def generation(compiled):
+        y = x.clone()
+        for t in TIMESTEPS:
+            y = y * 0.98 + 0.02 * compiled(y, timestep=torch.full((2,), t), class_labels=labels).sample
+        return y
+
+    results = {}
+    with torch.no_grad():
+        for budget in (0.02, 0.5):
+            torch._dynamo.reset()
+            compiled, _ = cached(model, max_error=budget)
+            first = generation(compiled)
+            (executor,) = executors()
+            assert executor.state.counters["deep_reused"] == 0  # the calibration generation computes every step
+            second = generation(compiled)
+            report = executor.report()
+            assert report["calibrated_on_steps"] == len(TIMESTEPS)
+            assert report["calibrated_worst_error"] <= budget
+            results[budget] = (report["threshold"], report["counters"].get("deep_reused", 0),
+                               (second - first).abs().max().item())
+            del executor
+    # a larger budget allows a larger threshold and at least as much reuse
+    assert results[0.5][0] > results[0.02][0]
+    assert results[0.5][1] >= results[0.02][1] and results[0.5][1] > 0

@@ -59,6 +59,8 @@ MAX_BRANCHES = 4
 DEFAULT_MAX_CONSECUTIVE_ADAPTIVE = 4
 # Adjacent timestep spacings further apart than this factor are not one sampler's schedule.
 IRREGULAR_SPACING = 2.0
+# Thresholds that a max_error calibration simulates (relative L1 change, 0.002 to ~2.5).
+CALIBRATION_THRESHOLDS = tuple(0.002 * 1.3 ** i for i in range(28))
 
 _PATH_TOKEN = re.compile(r"\['([^']+)'\]|\.([A-Za-z0-9_]+)|\[(\d+)\]")
 _NOT_MODULE_NAMES = {"self", "__dict__", "_modules", "_parameters", "_buffers"}
@@ -299,6 +301,53 @@ class _Generation:
     branches: dict[int, _Branch] = dataclasses.field(default_factory=dict)
 
 
+def _relative_l1(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((actual - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
+
+
+class _Calibration:
+    """For ``max_error``: a generation computed at every step replays, for each candidate
+    threshold, which steps it would have reused and the relative L1 error that reuse would have
+    put on the deep partition's outputs; the largest threshold within budget wins."""
+
+    def __init__(self, residual_output: int | None, outputs_tuple: bool, max_consecutive: int):
+        self.residual_output = residual_output
+        self.outputs_tuple = outputs_tuple
+        self.max_consecutive = max_consecutive
+        self.reference: dict[float, tuple[torch.Tensor, list[torch.Tensor]] | None] = dict.fromkeys(CALIBRATION_THRESHOLDS)
+        self.reused = dict.fromkeys(CALIBRATION_THRESHOLDS, 0)
+        self.worst = dict.fromkeys(CALIBRATION_THRESHOLDS, 0.0)
+        self.steps = 0
+
+    def observe(self, stream: torch.Tensor, outputs: Any) -> None:
+        outputs = list(outputs) if self.outputs_tuple else [outputs]
+        changes: dict[int, float] = {}
+        for threshold, reference in self.reference.items():
+            if reference is not None and self.reused[threshold] < self.max_consecutive:
+                ref_stream, ref_outputs = reference
+                if id(ref_stream) not in changes:
+                    changes[id(ref_stream)] = _relative_l1(stream, ref_stream)
+                if changes[id(ref_stream)] < threshold:
+                    predicted = list(ref_outputs)
+                    if self.residual_output is not None:
+                        predicted[self.residual_output] = stream + (ref_outputs[self.residual_output] - ref_stream)
+                    error = max(_relative_l1(p, a) for p, a in zip(predicted, outputs) if isinstance(a, torch.Tensor))
+                    self.worst[threshold] = max(self.worst[threshold], error)
+                    self.reused[threshold] += 1
+                    continue
+            self.reference[threshold] = (stream, outputs)
+            self.reused[threshold] = 0
+        self.steps += 1
+
+    def choose(self, max_error: float) -> tuple[float, float]:
+        """(threshold, its worst simulated error); threshold 0 (never reuse) if none fits."""
+        fitting = [t for t in CALIBRATION_THRESHOLDS if self.worst[t] <= max_error]
+        # the largest threshold below the first one over budget: errors need not be monotonic
+        over = [t for t in CALIBRATION_THRESHOLDS if self.worst[t] > max_error]
+        fitting = [t for t in fitting if not over or t < over[0]]
+        return (fitting[-1], self.worst[fitting[-1]]) if fitting else (0.0, 0.0)
+
+
 class StepCacheExecutor(Executor):
     """Runs the three partitions; on each call decides whether the deep one may be reused.
 
@@ -314,14 +363,23 @@ class StepCacheExecutor(Executor):
         self.data_indices = data_indices
         self.io = io
         self.partitioned = None  # set by prepare (the policy needs this object first)
+        self.adaptive = config.threshold is not None or config.max_error is not None
         self.max_consecutive = (
             config.max_consecutive if config.max_consecutive is not None
-            else DEFAULT_MAX_CONSECUTIVE_ADAPTIVE if config.threshold is not None
+            else DEFAULT_MAX_CONSECUTIVE_ADAPTIVE if self.adaptive
             else config.interval - 1
         )
+        # With max_error, the threshold comes from the first full generation (kept by reset()).
+        self.threshold = config.threshold
+        self.calibration = (
+            _Calibration(io.residual_output, io.outputs_tuple, self.max_consecutive)
+            if config.max_error is not None else None
+        )
+        self.calibrated: dict[str, float] = {}
         self._weight_index: int | None = None
         self._branch: _Branch | None = None
         self._may_reuse = False
+        self._calibrating = False
         self._step = 0
         _live_executors.add(self)
 
@@ -336,7 +394,7 @@ class StepCacheExecutor(Executor):
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "partition_calls": dict(self.partitioned.state.counters),
-                "max_consecutive": self.max_consecutive}
+                "max_consecutive": self.max_consecutive, "threshold": self.threshold, **self.calibrated}
 
     # The decision of one call, before any partition runs.
     def _begin(self, args: Sequence[Any]) -> None:
@@ -352,6 +410,11 @@ class StepCacheExecutor(Executor):
         t = float(flat[0])
         gen: _Generation | None = self.state.get(model)
         if gen is None or gen.shapes != shapes or t > gen.timestep:
+            if self.calibration is not None:
+                if self.calibration.steps >= max(self.config.min_steps, 2):
+                    self._finish_calibration()
+                else:  # too short to calibrate on: start over with the next generation
+                    self.calibration = _Calibration(self.io.residual_output, self.io.outputs_tuple, self.max_consecutive)
             gen = self.state[model] = _Generation(shapes, t, t)
             self.state.counters["generations"] += 1
         elif t == gen.timestep:
@@ -368,7 +431,8 @@ class StepCacheExecutor(Executor):
             return
         self._branch = gen.branches.setdefault(gen.branch, _Branch())
         self._step = gen.step
-        if gen.spacing is None or not gen.regular or self._branch.outputs is None:
+        self._calibrating = self.calibration is not None and gen.branch == 0 and gen.regular
+        if self.calibration is not None or gen.spacing is None or not gen.regular or self._branch.outputs is None:
             return
         estimated_steps = gen.first_timestep / gen.spacing + 1
         last_step = t < gen.spacing  # the next timestep would be below 0
@@ -376,19 +440,27 @@ class StepCacheExecutor(Executor):
             return
         if self._branch.reused_in_a_row >= self.max_consecutive:
             return
-        if self.config.threshold is None and gen.step - self._branch.computed_step >= self.config.interval:
+        if not self.adaptive and gen.step - self._branch.computed_step >= self.config.interval:
             return
         self._may_reuse = True
+
+    def _finish_calibration(self) -> None:
+        self.threshold, worst = self.calibration.choose(self.config.max_error)
+        self.calibrated = {"calibrated_on_steps": self.calibration.steps, "calibrated_worst_error": worst}
+        if self.threshold == 0.0:
+            log.warning("zc step_cache: no threshold keeps the deep partition's error under max_error=%g; "
+                        "computing every step", self.config.max_error)
+        log.info("zc step_cache: max_error %g -> threshold %.4g (simulated worst relative L1 error %.4g)",
+                 self.config.max_error, self.threshold, worst)
+        self.calibration = None
 
     def policy(self, name: str, inputs: tuple, run: Callable[[], Any], state) -> Any:
         if name != DEEP:
             return run()
         branch, io = self._branch, self.io
         stream = inputs[io.stream_input] if io.stream_input is not None else None
-        if self._may_reuse and self.config.threshold is not None:
-            reference = branch.reference
-            change = float((stream - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
-            self._may_reuse = change < self.config.threshold
+        if self._may_reuse and self.adaptive:
+            self._may_reuse = _relative_l1(stream, branch.reference) < self.threshold
         if self._may_reuse:
             branch.reused_in_a_row += 1
             self.state.counters["deep_reused"] += 1
@@ -399,6 +471,8 @@ class StepCacheExecutor(Executor):
             return tuple(outputs) if io.outputs_tuple else outputs[0]
         outputs = run()
         self.state.counters["deep_computed"] += 1
+        if self.calibration is not None and self._calibrating:
+            self.calibration.observe(stream, outputs)
         if branch is not None:
             branch.reused_in_a_row = 0
             branch.computed_step = self._step
@@ -471,7 +545,7 @@ def prepare(
     report: PassReport,
     on_rewritten: Callable[[torch.fx.GraphModule], None],
 ) -> Callable[..., Any] | None:
-    if config.interval == 1 and config.threshold is None:
+    if config.interval == 1 and config.threshold is None and config.max_error is None:
         report.status = "unchanged"
         report.skipped("graph", "interval 1 without a threshold computes every step: nothing to cache")
         return None
@@ -520,7 +594,7 @@ def prepare(
     if DEEP not in partitioned.partitions or SHALLOW_OUT not in partitioned.partitions:
         raise RuntimeError(f"step_cache: expected 3 partitions, got {sorted(partitioned.partitions)}")
     io = built["io"]
-    if config.threshold is not None and io.stream_input is None:
+    if (config.threshold is not None or config.max_error is not None) and io.stream_input is None:
         report.status = "skipped"
         report.skipped("graph", "threshold mode needs a feature map entering the deep partition; none found")
         return None
@@ -535,7 +609,9 @@ def prepare(
         "deep_stages": [".".join(s) for s in region.stages],
         "ops": {"shallow_in": sizes[SHALLOW_IN], "deep": sizes[DEEP], "shallow_out": sizes[SHALLOW_OUT]},
         "reuse": "residual" if io.residual_output is not None else "output",
-        "mode": f"threshold {config.threshold}" if config.threshold is not None else f"interval {config.interval}",
+        "mode": (f"threshold {config.threshold}" if config.threshold is not None
+                 else f"max_error {config.max_error} (threshold calibrated on the first generation)"
+                 if config.max_error is not None else f"interval {config.interval}"),
         "max_consecutive": executor.max_consecutive,
         "decision": "on the host: reads the timestep each call (one scalar device-to-host copy per step on GPU)",
     })

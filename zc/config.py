@@ -106,9 +106,47 @@ class TokenSkipConfig(PassConfig):
 
 @dataclasses.dataclass(frozen=True)
 class StepCacheConfig(PassConfig):
-    """Reuse work across diffusion denoising steps (issue #5)."""
+    """Reuse the deep part of a denoiser across adjacent diffusion steps.
 
-    available: ClassVar[bool] = False
+    The graph is split where its structure says (a UNet's outermost skip levels, or the first
+    blocks of a chain of repeated blocks); the deep partition is computed on some steps and its
+    cached result reused on the others. ``interval``: compute the deep partition every
+    ``interval`` steps of a generation (1 = every step: the pass steps aside). ``threshold``:
+    adaptive instead: reuse while the deep partition's input changed by less than this relative
+    L1 distance since the last computed step. ``depth``: UNet skip level whose inside is cached
+    (1 = the outermost, the most reuse), or the number of leading blocks of a block chain run
+    every step. ``max_consecutive``: most reused steps in a row (default ``interval - 1``, or 4
+    with a threshold). ``min_steps``: a generation whose timestep spacing implies fewer steps
+    computes every step (0 = always cache). ``max_error``: adaptive with a threshold calibrated
+    on the first generation (computed in full): the largest threshold whose reuse would have kept
+    the relative L1 error of the deep partition's outputs under ``max_error`` on that generation.
+    """
+
+    interval: int = 3
+    threshold: float | None = None
+    depth: int = 1
+    max_consecutive: int | None = None
+    min_steps: int = 10
+    max_error: float | None = None
+
+    shorthand: ClassVar[str | None] = "interval"
+
+    def check(self) -> None:
+        if self.interval < 1:
+            raise ValueError(f"zc: option 'step_cache.interval' must be >= 1; got {self.interval}")
+        if self.threshold is not None and self.threshold < 0:
+            raise ValueError(f"zc: option 'step_cache.threshold' must be >= 0 or None; got {self.threshold}")
+        if self.depth < 1:
+            raise ValueError(f"zc: option 'step_cache.depth' must be >= 1; got {self.depth}")
+        if self.max_consecutive is not None and self.max_consecutive < 0:
+            raise ValueError(f"zc: option 'step_cache.max_consecutive' must be >= 0 or None; got {self.max_consecutive}")
+        if self.max_error is not None and self.max_error <= 0:
+            raise ValueError(f"zc: option 'step_cache.max_error' must be > 0 or None; got {self.max_error}")
+        if self.max_error is not None and self.threshold is not None:
+            raise ValueError("zc: options 'step_cache.max_error' and 'step_cache.threshold' exclude each other: "
+                             "max_error calibrates the threshold")
+        if self.min_steps < 0:
+            raise ValueError(f"zc: option 'step_cache.min_steps' must be >= 0; got {self.min_steps}")
 
 
 WINDOW_ATTENTION_MODES = ("exact", "approximate")

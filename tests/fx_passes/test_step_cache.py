@@ -1,0 +1,384 @@
+"""step_cache: structure found on real diffusers UNets / DiTs, the reuse schedule and its state
+(generations, guidance branches, models), exactness where nothing is reused, no recompiles over
+whole generations under ``fullgraph=True``, skips and bad options, quality on the trained UNet.
+
+Most tests run the partitions uncompiled (``compile_rest`` returns the partition's GraphModule)
+so that they exercise the real split and the executor's decisions in seconds; the tests named
+``*_inductor`` compile through zc and Inductor.
+"""
+
+import copy
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from zc.config import StepCacheConfig, ZcConfig
+from zc.dynamo_backend.backend import zc as zc_backend
+from zc.fx_passes import step_cache
+from zc.fx_passes.pass_manager import PassReport
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "benchmarks" / "weights"
+# A DDIM-like schedule of 12 steps: long enough for min_steps=10.
+TIMESTEPS = [990 - 90 * i for i in range(12)]
+
+
+def tiny_unet(seed=0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()
+
+
+def tiny_dit(seed=0):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=1, out_channels=1, num_layers=3, num_attention_heads=2,
+        attention_head_dim=8, num_embeds_ada_norm=10, norm_num_groups=1,
+    ).eval()
+
+
+def uncompiled(config, reports):
+    """A backend that runs step_cache with partitions left as (eager) GraphModules."""
+
+    def backend(gm, example_inputs):
+        report = PassReport("step_cache")
+        reports.append(report)
+        executor = step_cache.prepare(gm, example_inputs, config, lambda g, inputs=None: g, report, lambda g: None)
+        return gm.forward if executor is None else executor
+
+    return backend
+
+
+def cached(model, **options):
+    """``model`` compiled with step_cache(**options), and the list its reports go to."""
+    reports = []
+    config = StepCacheConfig(enabled=True, **options)
+    return torch.compile(model, backend=uncompiled(config, reports), fullgraph=True), reports
+
+
+def executors():
+    """The step-cache executors that have served calls (those of earlier tests are collected)."""
+    gc.collect()
+    return [e for e in step_cache._live_executors if e.state.counters["calls"] > 0]
+
+
+class DeepFreezer:
+    """Eager reference of reuse on a copy of ``model``: replaces the output of its submodule
+    ``name`` by the one from its last computed call whenever ``reuse`` is set (the cached
+    region's only output). A copy, so that the compiled model does not trace the hook."""
+
+    def __init__(self, model, name):
+        self.model = copy.deepcopy(model)
+        self.reuse, self.saved = False, {}
+        self.branch = 0
+        self.model.get_submodule(name).register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        if self.reuse:
+            return self.saved[self.branch]
+        self.saved[self.branch] = output
+        return output
+
+
+def test_bad_options_name_the_option():
+    for options, name in [({"interval": 0}, "step_cache.interval"), ({"threshold": -0.1}, "step_cache.threshold"),
+                          ({"depth": 0}, "step_cache.depth"), ({"max_consecutive": -1}, "step_cache.max_consecutive"),
+                          ({"min_steps": -2}, "step_cache.min_steps")]:
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            ZcConfig.from_options({"step_cache": options})
+    assert ZcConfig.from_options({"step_cache": 4}).step_cache.interval == 4
+
+
+def test_unet_structure_and_interval_schedule_match_an_eager_reference():
+    model = tiny_unet()
+    compiled, reports = cached(model, interval=3)
+    freezer = DeepFreezer(model, "up_blocks.1.resnets.0")
+    x = torch.randn(2, 1, 8, 8)  # batch 2: classifier-free guidance batched in one call is one state
+    expected_reuse = []
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS):
+            x = x * 0.9 + 0.1 * torch.randn_like(x)
+            out = compiled(x, torch.tensor(t)).sample
+            # first step computes, then every 3rd; the last (t=0 < the spacing) computes
+            freezer.reuse = step % 3 != 0 and step != len(TIMESTEPS) - 1
+            expected_reuse.append(freezer.reuse)
+            torch.testing.assert_close(out, freezer.model(x, torch.tensor(t)).sample, rtol=1e-4, atol=1e-5)
+    (report,) = reports
+    assert report.metrics["structure"] == "unet-skip"
+    # DeepCache's outermost branch: only conv_in, the last up layer and the output layers stay
+    assert report.metrics["deep_stages"][0] == "down_blocks.0.resnets.0"
+    assert report.metrics["deep_stages"][-1] == "up_blocks.1.resnets.0"
+    assert report.metrics["reuse"] == "output"
+    (executor,) = executors()
+    counters = executor.report()["counters"]
+    assert counters["deep_reused"] == sum(expected_reuse) == 7
+    assert counters["deep_computed"] == len(TIMESTEPS) - 7
+    assert executor.report()["partition_calls"]["submod_0"] == len(TIMESTEPS)
+
+
+def test_new_generation_resets_and_repeated_or_random_timesteps_compute():
+    model = tiny_unet()
+    compiled, _ = cached(model, interval=2)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        for t in TIMESTEPS[:5]:
+            compiled(x, torch.tensor(t))
+        (executor,) = executors()
+        reused_before = executor.state.counters["deep_reused"]
+        assert reused_before == 2
+        # a new generation: the timestep goes back up -> the first step computes, exactly
+        other = torch.randn(1, 1, 8, 8)
+        torch.testing.assert_close(compiled(other, torch.tensor(990)).sample, model(other, torch.tensor(990)).sample)
+        assert executor.state.counters["generations"] == 2
+        # a new latent shape is a new generation too
+        big = torch.randn(1, 1, 16, 16)
+        compiled(big, torch.tensor(900))
+        # random timesteps / the same timestep over and over: never reused
+        executor.reset()
+        for t in [500, 700, 120, 880, 880, 880, 880, 880, 30]:
+            y = torch.randn(1, 1, 8, 8)
+            torch.testing.assert_close(compiled(y, torch.tensor(t)).sample, model(y, torch.tensor(t)).sample)
+        assert executor.state.counters["deep_reused"] == 0
+
+
+def test_sequential_guidance_calls_keep_a_cache_per_branch():
+    model = tiny_unet()
+    compiled, _ = cached(model, interval=3)
+    freezer = DeepFreezer(model, "up_blocks.1.resnets.0")
+    uncond, cond = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS[:6]):
+            freezer.reuse = step % 3 != 0
+            for branch, x in enumerate((uncond, cond)):
+                freezer.branch = branch
+                out = compiled(x, torch.tensor(t)).sample
+                torch.testing.assert_close(out, freezer.model(x, torch.tensor(t)).sample, rtol=1e-4, atol=1e-5)
+    (executor,) = executors()
+    assert executor.state.counters["deep_reused"] == 8
+
+
+def test_two_models_never_share_a_cache():
+    first, second = tiny_unet(0), tiny_unet(1)
+    compiled_first, _ = cached(first, interval=3)
+    compiled_second, _ = cached(second, interval=3)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        for t in TIMESTEPS[:3]:
+            a = compiled_first(x, torch.tensor(t)).sample
+            b = compiled_second(x, torch.tensor(t)).sample
+        # the third step reuses each model's own deep output: compare with a solo run
+        step_cache.reset_step_caches()
+        for t in TIMESTEPS[:3]:
+            solo = compiled_second(x, torch.tensor(t)).sample
+    torch.testing.assert_close(b, solo)
+    assert not torch.allclose(a, b)
+
+
+def test_dit_blocks_cache_their_residual_adaptively():
+    model = tiny_dit()
+    reference = copy.deepcopy(model)  # hooks that replay the cache, untraced by the compiled model
+    compiled, reports = cached(model, threshold=0.5, depth=1)
+    seen, reuse = {}, [False]
+
+    def after_first_block(module, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+
+    def last_block(module, args, output):
+        if reuse[0]:
+            return seen["h"] + seen["residual"]
+        seen["residual"] = output - seen["h"]
+        return output
+
+    reference.transformer_blocks[1].register_forward_pre_hook(after_first_block, with_kwargs=True)
+    reference.transformer_blocks[-1].register_forward_hook(last_block)
+    x, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS):
+            x = x * 0.98 + 0.02 * torch.randn_like(x)
+            reused_before = executors()[0].state.counters["deep_reused"] if step else 0
+            out = compiled(x, timestep=torch.full((2,), t), class_labels=labels).sample
+            (executor,) = executors()
+            reuse[0] = executor.state.counters["deep_reused"] > reused_before
+            expected = reference(x, timestep=torch.full((2,), t), class_labels=labels).sample
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    (report,) = reports
+    assert report.metrics["structure"] == "repeated-blocks"
+    assert report.metrics["deep_stages"] == ["transformer_blocks.1", "transformer_blocks.2"]
+    assert report.metrics["reuse"] == "residual"
+    assert 0 < executor.state.counters["deep_reused"] <= 4 * executor.state.counters["deep_computed"]
+
+
+class TimeMLP(torch.nn.Module):
+    """A timestep-conditioned net with no skip structure and no repeated blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.out = torch.nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        emb = torch.sin(t.float().reshape(1, 1) * torch.arange(8.0))
+        return self.out(torch.relu(self.inp(x) + emb[:, :, None, None]))
+
+
+def test_graph_without_cacheable_structure_is_skipped_with_the_reason():
+    model = TimeMLP().eval()
+    compiled, reports = cached(model, interval=3)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, torch.tensor(5)), model(x, torch.tensor(5)))
+    (report,) = reports
+    assert report.status == "skipped"
+    assert "no cacheable structure" in report.skips[0]["reason"]
+    compiled_without_timestep, reports = cached(tiny_unet(), interval=3)
+    torch._dynamo.reset()
+    # a UNet called with a Python int timestep has no timestep tensor to follow
+    with torch.no_grad():
+        compiled_without_timestep(torch.randn(1, 1, 8, 8), 10)
+    assert reports[0].status == "skipped" and "timestep" in reports[0].skips[0]["reason"]
+
+
+def test_interval_one_steps_aside_so_results_are_bit_exact():
+    model = tiny_unet()
+    compiled, reports = cached(model, interval=1)
+    x = torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        for t in TIMESTEPS[:3]:
+            assert torch.equal(compiled(x, torch.tensor(t)).sample, model(x, torch.tensor(t)).sample)
+    assert reports[0].status == "unchanged" and "interval 1" in reports[0].skips[0]["reason"]
+
+
+@pytest.mark.slow
+def test_interval_one_is_bit_exact_with_the_uncached_compile_inductor():
+    model = tiny_unet()
+    x = torch.randn(1, 1, 8, 8)
+    plain = torch.compile(model, backend="zc")
+    with torch.no_grad():
+        expected = [plain(x, torch.tensor(t)).sample for t in TIMESTEPS[:3]]
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="zc", options={"step_cache": 1})
+        for t, want in zip(TIMESTEPS[:3], expected):
+            assert torch.equal(compiled(x, torch.tensor(t)).sample, want)
+
+
+def test_fullgraph_generations_compile_once():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = tiny_unet()
+    counter = CompileCounterWithBackend(uncompiled(StepCacheConfig(enabled=True, interval=3), []))
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    schedule = [980 - 20 * i for i in range(50)]
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        for generation in range(2):
+            for t in schedule:
+                compiled(x, torch.tensor(t))
+    assert counter.frame_count == 1
+    (executor,) = executors()
+    counters = executor.state.counters
+    assert counters["generations"] == 2
+    # per generation: steps 0, 3, ..., 48 and the last (t=0 < spacing) computed
+    assert counters["deep_computed"] == 2 * 18 and counters["deep_reused"] == 2 * 32
+
+
+def test_compiled_partitions_inductor():
+    model = tiny_unet()
+    compiled = torch.compile(model, backend="zc", options={"step_cache": 2}, fullgraph=True)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, x, torch.tensor(TIMESTEPS[0]))
+        torch.testing.assert_close(out.sample, model(x, torch.tensor(TIMESTEPS[0])).sample, rtol=1e-4, atol=1e-5)
+        reused = compiled(x, torch.tensor(TIMESTEPS[1])).sample
+        computed = compiled(x, torch.tensor(TIMESTEPS[2])).sample
+        torch.testing.assert_close(computed, model(x, torch.tensor(TIMESTEPS[2])).sample, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(reused, model(x, torch.tensor(TIMESTEPS[1])).sample)
+    # three separately compiled partitions (shallow in, deep, shallow out); the deep one has
+    # the convolutions of down_blocks.1 / mid_block / up_blocks.0
+    assert len(codes) == 3 and all("def call(" in code for code in codes)
+    (executor,) = executors()
+    assert executor.report()["partition_calls"] == {"submod_0": 3, "submod_1": 2, "submod_2": 3}
+
+
+@pytest.mark.slow
+def test_trained_unet_quality_with_ddim_pipeline_inductor():
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(WEIGHTS / "digits_unet", torch_dtype=torch.float32).eval()
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+
+    def images(unet):
+        pipe.unet = unet
+        return pipe(batch_size=4, num_inference_steps=50, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    with torch.no_grad():
+        reference = images(torch.compile(unet, backend="inductor"))
+        torch._dynamo.reset()
+        approximate = images(torch.compile(unet, backend="zc", options={"step_cache": 3}))
+    mse = float(((reference - approximate) ** 2).mean())
+    psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
+    assert psnr > 30, psnr
+
+
+def test_structure_of_a_conditional_unet_with_guidance_batch():
+    from tests.models.builders import unet2d_condition
+
+    model, inputs, _ = unet2d_condition()
+    compiled, reports = cached(model, interval=2)
+    kwargs = inputs(2)
+    with torch.no_grad():
+        for t in TIMESTEPS[:4]:
+            out = compiled(**{**kwargs, "timestep": torch.tensor(t)})[0]
+        # steps 0 and 2 computed, 1 and 3 reused; step 4 computes again
+        torch.testing.assert_close(compiled(**{**kwargs, "timestep": torch.tensor(TIMESTEPS[4])})[0],
+                                   model(**{**kwargs, "timestep": torch.tensor(TIMESTEPS[4])})[0], rtol=1e-4, atol=1e-5)
+    (report,) = reports
+    assert report.metrics["structure"] == "unet-skip"
+    assert report.metrics["deep_stages"][0] == "down_blocks.0.resnets.0"
+    assert "between 'conv_in' and 'up_blocks.1.resnets.1'" in report.rewrites[0]["what"]
+    assert executors()[0].state.counters["deep_reused"] == 2
+    assert out.shape == kwargs["sample"].shape
+
+
+def test_max_error_calibrates_a_threshold_on_the_first_generation():
+    with pytest.raises(ValueError, match="step_cache.max_error"):
+        ZcConfig.from_options({"step_cache": {"max_error": 0}})
+    with pytest.raises(ValueError, match="exclude each other"):
+        ZcConfig.from_options({"step_cache": {"max_error": 0.1, "threshold": 0.1}})
+    model = tiny_dit()
+    x, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+
+    def generation(compiled):
+        y = x.clone()
+        for t in TIMESTEPS:
+            y = y * 0.98 + 0.02 * compiled(y, timestep=torch.full((2,), t), class_labels=labels).sample
+        return y
+
+    results = {}
+    with torch.no_grad():
+        for budget in (0.02, 0.5):
+            torch._dynamo.reset()
+            compiled, _ = cached(model, max_error=budget)
+            first = generation(compiled)
+            (executor,) = executors()
+            assert executor.state.counters["deep_reused"] == 0  # the calibration generation computes every step
+            second = generation(compiled)
+            report = executor.report()
+            assert report["calibrated_on_steps"] == len(TIMESTEPS)
+            assert report["calibrated_worst_error"] <= budget
+            results[budget] = (report["threshold"], report["counters"].get("deep_reused", 0),
+                               (second - first).abs().max().item())
+            del executor
+    # a larger budget allows a larger threshold and at least as much reuse
+    assert results[0.5][0] > results[0.02][0]
+    assert results[0.5][1] >= results[0.02][1] and results[0.5][1] > 0

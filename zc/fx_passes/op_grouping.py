@@ -179,8 +179,13 @@ def _matmul(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
     if target is aten.addmm.default:
         if len(_occurrences(node)) != 3:
             return None
-        bias = _broadcast(node, out, units)[0] if _shape(node.args[0]) is not None else None
-        if bias is None:
+        bias_shape, out_shape = _shape(node.args[0]), _shape(node)
+        dim = out.dim - (len(out_shape) - len(bias_shape))
+        if dim < 0 or bias_shape[dim] == 1:
+            bias = WHOLE
+        elif bias_shape[dim] == out_shape[out.dim]:
+            bias = Slicing(dim, out.outer, out.inner)
+        else:
             return None
         return [bias, a, b]
     return [a, b]
@@ -486,40 +491,53 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
             for user in node.users:
                 add(user, sliced)
 
+    def drain() -> None:
+        while work:
+            node, sliced = work.pop()
+            for arg, need in zip(_occurrences(node), needs[node]):
+                if need is WHOLE or arg in region:
+                    if arg in region and region[arg] != need:
+                        raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
+                    continue
+                if arg.op == "call_function" and _bytes(arg) >= threshold and _input_slicings(arg, need, units):
+                    add(arg, need)
+            # Users of a small node join only as its single pointwise epilogue (the residual add
+            # after a down-projection): the chain then writes its exit in place of the input it
+            # would have left behind.
+            epilogue = len(node.users) == 1 and all(_is_pointwise(u) or u.target in _ALIASES for u in node.users)
+            if _bytes(node) < threshold and node is not seed and not epilogue:
+                continue
+            for user in node.users:
+                if user in region or user.op != "call_function":
+                    continue
+                for index, arg in enumerate(_occurrences(user)):
+                    if arg is node:
+                        out = _output_slicing(user, index, sliced, units)
+                        if out is not None:
+                            try:
+                                add(user, out)
+                            except _Rejected:
+                                pass
+                        break
+
     add(seed, slicing)
-    while work:
-        node, sliced = work.pop()
-        for arg, need in zip(_occurrences(node), needs[node]):
-            if need is WHOLE or arg in region:
-                if arg in region and region[arg] != need:
-                    raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
-                continue
-            if arg.op == "call_function" and _bytes(arg) >= threshold and _input_slicings(arg, need, units):
-                add(arg, need)
-        # Users of a small node join only as its single pointwise epilogue (the residual add
-        # after a down-projection): the chain then writes its exit in place of the input it
-        # would have left behind.
-        epilogue = len(node.users) == 1 and all(_is_pointwise(u) or u.target in _ALIASES for u in node.users)
-        if _bytes(node) < threshold and node is not seed and not epilogue:
-            continue
-        for user in node.users:
-            if user in region or user.op != "call_function":
-                continue
-            for index, arg in enumerate(_occurrences(user)):
-                if arg is node:
-                    out = _output_slicing(user, index, sliced, units)
-                    if out is not None:
-                        try:
-                            add(user, out)
-                        except _Rejected:
-                            pass
-                    break
+    drain()
+    # Ops on a path that leaves the chain and comes back (a norm's statistics, reshaped and
+    # broadcast back onto the tensor they came from) join it, slice-wise, or the chain is dropped.
+    while between := _between(region, order):
+        for node in sorted(between, key=order.__getitem__, reverse=True):
+            user = next(u for u in node.users if u in region)
+            need = needs[user][_occurrences(user).index(node)]
+            if need is WHOLE:
+                raise _Rejected(f"{node.name} reads the chain but {user.name} needs it whole")
+            add(node, need)
+        drain()
+
     # A user reached twice must read every region input under the slicing its producer has.
     for node in region:
         for arg, need in zip(_occurrences(node), needs[node]):
             if arg in region and need != region[arg]:
                 raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
-    _check_convex(region, order)
     nodes = dict(sorted(region.items(), key=lambda item: order[item[0]]))
     entries = {}
     for node in nodes:
@@ -532,23 +550,25 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
     return Chain(nodes, units, seed, entries, exits)
 
 
-def _check_convex(region: dict[torch.fx.Node, Slicing], order: dict[torch.fx.Node, int]) -> None:
-    """No path may leave the region and come back into it (the rewrite would need a cycle)."""
+def _between(region: dict[torch.fx.Node, Slicing], order: dict[torch.fx.Node, int]) -> set[torch.fx.Node]:
+    """Nodes outside ``region`` on a path from it back into it."""
     last = max(order[n] for n in region)
-    outside = []
-    for node in region:
-        outside.extend(u for u in node.users if u not in region and order[u] < last)
-    seen = set()
-    while outside:
-        node = outside.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for user in node.users:
-            if user in region:
-                raise _Rejected(f"the path {node.name} -> {user.name} leaves the chain and comes back")
-            if order[user] < last:
-                outside.append(user)
+    descendants: set[torch.fx.Node] = set()
+    frontier = [u for n in region for u in n.users if u not in region and order[u] < last]
+    while frontier:
+        node = frontier.pop()
+        if node not in descendants:
+            descendants.add(node)
+            frontier.extend(u for u in node.users if u not in region and order[u] < last)
+    between: set[torch.fx.Node] = set()
+    changed = True
+    while changed:  # keep the descendants that reach the region again
+        changed = False
+        for node in descendants - between:
+            if any(u in region or u in between for u in node.users):
+                between.add(node)
+                changed = True
+    return between
 
 
 def _chain_gain(chain: Chain) -> tuple[int, int]:
@@ -679,18 +699,20 @@ def _estimate(graph: torch.fx.Graph, chains: Sequence[Chain]) -> tuple[int, int,
 
 
 def choose_slices(graph: torch.fx.Graph, chains: list[Chain], config: OpGroupingConfig) -> tuple[int, int]:
-    """Set each chain's slice count; returns the estimated peak before and after."""
-    cap = config.max_slices or MAX_SLICES
+    """Set each chain's slice count; returns the estimated peak before and after.
+
+    Greedy on the simulated schedule: while the peak is above the budget (or, without one, as
+    long as it lies in a chain), the chain holding the peak gets one more slice, up to
+    ``max_slices`` (``MAX_SLICES`` with a budget, ``DEFAULT_SLICES`` without). Chains away from
+    the peak stay whole: slicing them would cost time and save nothing.
+    """
+    budget = config.budget_bytes()
+    cap = config.max_slices or (MAX_SLICES if budget is not None else DEFAULT_SLICES)
     for chain in chains:
         chain.slices = 1
-    before, _, _ = _estimate(graph, chains)
-    budget = config.budget_bytes()
-    if budget is None:
-        for chain in chains:
-            chain.slices = min(config.max_slices or DEFAULT_SLICES, chain.units)
-        return before, _estimate(graph, chains)[0]
-    peak, at, items = _estimate(graph, chains)
-    while peak > budget:
+    before, at, items = _estimate(graph, chains)
+    peak = before
+    while budget is None or peak > budget:
         key = items[at].key
         node = key[0] if isinstance(key, tuple) else key
         chain = next((c for c in chains if node in c.nodes), None)
@@ -698,10 +720,17 @@ def choose_slices(graph: torch.fx.Graph, chains: list[Chain], config: OpGrouping
             break
         chain.slices += 1
         new_peak, new_at, new_items = _estimate(graph, chains)
-        if new_peak >= peak and new_items[new_at].key == key:
-            chain.slices -= 1  # more slices no longer help this chain
+        if new_peak > peak:
+            chain.slices -= 1  # uneven slices: one more made the largest slice no smaller
             break
         peak, at, items = new_peak, new_at, new_items
+    if budget is None:
+        # Without a budget every chain at the peak gets the full count: the same peak, less
+        # left to the next largest activation.
+        for chain in chains:
+            if chain.slices > 1:
+                chain.slices = min(cap, chain.units)
+        peak = _estimate(graph, chains)[0]
     return before, peak
 
 
@@ -837,7 +866,8 @@ def apply(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     described = []
     for chain in chains:
         if chain.slices < 2:
-            report.skipped(chain.seed.name, f"{chain.describe()}: the budget is met without slicing it")
+            report.skipped(chain.seed.name, f"{chain.describe()}: left whole, it does not hold the "
+                           "estimated peak" + (" within the budget" if budget is not None else ""))
             continue
         entry = {
             "seed": chain.seed.name,

@@ -212,9 +212,46 @@ class WindowAttentionConfig(PassConfig):
 
 @dataclasses.dataclass(frozen=True)
 class OpGroupingConfig(PassConfig):
-    """Slice large activations to bound peak memory (issue #7)."""
+    """Slice large activations and run chains of ops per slice to bound peak memory (exact).
 
-    available: ClassVar[bool] = False
+    ``memory_budget``: the peak activation memory to fit, in bytes or as a string (``"2GB"``
+    = 2*10^9, ``"512MiB"`` = 512*2^20); each chain gets the fewest slices whose estimated peak
+    fits (a budget no slicing reaches compiles the smallest peak found, with a warning).
+    ``max_slices``: the most slices per chain; without a budget every worthwhile chain is cut
+    into this many (8 when neither is given).
+    """
+
+    memory_budget: int | str | None = None
+    max_slices: int | None = None
+
+    shorthand: ClassVar[str | None] = "memory_budget"
+
+    _BYTE_UNITS: ClassVar[dict[str, int]] = {
+        "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+        "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    }
+
+    def budget_bytes(self) -> int | None:
+        """``memory_budget`` in bytes (``None`` when unset)."""
+        value = self.memory_budget
+        if value is None or isinstance(value, int):
+            return value
+        import re
+
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in self._BYTE_UNITS:
+            raise ValueError(
+                "zc: option 'op_grouping.memory_budget' must be a number of bytes or a string like "
+                f"'2GB' / '512MiB' (units {', '.join(u for u in self._BYTE_UNITS if u)}); got {value!r}"
+            )
+        return int(float(match.group(1)) * self._BYTE_UNITS[match.group(2).lower()])
+
+    def check(self) -> None:
+        budget = self.budget_bytes()
+        if budget is not None and budget <= 0:
+            raise ValueError(f"zc: option 'op_grouping.memory_budget' must be positive; got {self.memory_budget!r}")
+        if self.max_slices is not None and self.max_slices < 2:
+            raise ValueError(f"zc: option 'op_grouping.max_slices' must be >= 2; got {self.max_slices}")
 
 
 @dataclasses.dataclass(frozen=True)

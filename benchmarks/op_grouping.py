@@ -1,0 +1,298 @@
+"""op_grouping: peak activation memory (measured) and time of eager / Inductor / zc / diffusers' own slicing.
+
+    python -m benchmarks.op_grouping [--quick] [--out DIR] [--only NAME ...]
+
+Workloads (real transformers / diffusers classes, random weights, fp32 CPU):
+* ``llama_ffn``: ``LlamaMLP`` + residual at a long sequence (batch 1);
+* ``vae_decoder``: ``AutoencoderKL.decode`` of a batch of latents (diffusers' ``enable_slicing``
+  decodes them one by one, eagerly);
+* ``unet_motion``: ``UNetMotionModel`` (AnimateDiff-like, small config, 16 frames; diffusers'
+  ``enable_forward_chunking`` chunks the feed-forwards).
+
+Peak activation memory is measured, not estimated: each (workload, variant) runs in a fresh
+subprocess with glibc's mmap threshold pinned low (so freed buffers go back to the OS), makes two
+calls (compiles, warms up), then resets the kernel's high-water mark (``/proc/self/clear_refs``)
+and reports ``VmHWM`` after one more call minus ``VmRSS`` before it: the bytes the call added on
+top of weights, inputs and compiled code. Time per call is measured in the parent process, all
+variants interleaved in short blocks (the machine is shared and drifts), as ratios to Inductor.
+Timings use ``--threads`` intra-op threads (1 by default): on the 2-core machine shared with three
+other jobs, OpenMP kernels with 2 threads stall at their barriers whenever a core is taken, which
+penalises a call in proportion to how many kernels it launches (measured: eight 512-row GEMMs
+take 1.4x the time of one 4096-row GEMM with 2 threads under load, 0.75x with 1 thread).
+Outputs are compared with Inductor's (``max_abs_vs_inductor``, exact when 0) and eager's.
+Writes ``benchmarks/results/<device>/op_grouping[-quick].json`` and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import environment, format_table, select_device, timed_block, write_results  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ZC_SLICES = 8
+
+
+class ResidualMLP(torch.nn.Module):
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x) + x
+
+
+class Decoder(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z).sample
+
+
+class MotionUNet(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def llama_ffn(quick: bool) -> tuple[torch.nn.Module, tuple, dict[str, Callable]]:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    hidden, intermediate, tokens = (256, 1024, 4096) if quick else (512, 2048, 8192)
+    model = ResidualMLP(LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu")))
+    return model.eval(), (torch.randn(1, tokens, hidden),), {}
+
+
+def vae_decoder(quick: bool) -> tuple[torch.nn.Module, tuple, dict[str, Callable]]:
+    from diffusers import AutoencoderKL
+
+    batch, latent = (4, 32) if quick else (4, 64)
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
+                        layers_per_block=1).eval()
+
+    def sliced(model):
+        model.vae.enable_slicing()
+        return model
+
+    return Decoder(vae).eval(), (torch.randn(batch, 4, latent, latent),), {"diffusers enable_slicing": sliced}
+
+
+def unet_motion(quick: bool) -> tuple[torch.nn.Module, tuple, dict[str, Callable]]:
+    from diffusers import UNetMotionModel
+
+    frames, size = (16, 16) if quick else (16, 32)
+    unet = UNetMotionModel(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32,
+        in_channels=4, out_channels=4,
+    ).eval()
+
+    def chunked(model):
+        model.unet.enable_forward_chunking(chunk_size=1, dim=1)
+        return model
+
+    args = (torch.randn(1, 4, frames, size, size), torch.tensor(10), torch.randn(frames, 8, 32))
+    return MotionUNet(unet).eval(), args, {"diffusers enable_forward_chunking": chunked}
+
+
+WORKLOADS: dict[str, Callable[[bool], tuple[torch.nn.Module, tuple, dict[str, Callable]]]] = {
+    "llama_ffn": llama_ffn,
+    "vae_decoder": vae_decoder,
+    "unet_motion": unet_motion,
+}
+
+
+def build(name: str, quick: bool) -> tuple[torch.nn.Module, tuple, dict[str, Callable]]:
+    torch.manual_seed(0)
+    return WORKLOADS[name](quick)
+
+
+def variant_names(name: str, quick: bool) -> list[str]:
+    _, _, own = build(name, quick)
+    return ["eager", "inductor", "zc", *own]
+
+
+def prepare(name: str, variant: str, quick: bool) -> tuple[Callable[..., Any], tuple]:
+    model, args, own = build(name, quick)
+    if variant == "eager":
+        return model, args
+    if variant == "inductor":
+        return torch.compile(model, backend="inductor"), args
+    if variant == "zc":
+        return torch.compile(model, backend="zc", options={"op_grouping": {"max_slices": ZC_SLICES}}), args
+    return own[variant](model), args
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def child_peak(name: str, variant: str, quick: bool) -> dict[str, Any]:
+    """In a fresh process: bytes one call adds to the resident set at its peak."""
+    run, args = prepare(name, variant, quick)
+    with torch.no_grad():
+        run(*args)
+        run(*args)
+        gc.collect()
+        peaks = []
+        for _ in range(2):
+            before = _status("VmRSS")
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # resets VmHWM to the current resident set
+            out = run(*args)
+            peaks.append(_status("VmHWM") - before)
+            del out
+            gc.collect()
+    return {"peak_activation_bytes": max(peaks), "resident_bytes_before_call": before}
+
+
+def measure_peak(name: str, variant: str, quick: bool, threads: int) -> dict[str, Any]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    command = [sys.executable, "-m", "benchmarks.op_grouping", "--child", name, variant, "--threads", str(threads)]
+    command += ["--quick"] if quick else []
+    done = subprocess.run(command, capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory run of {name}/{variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def zc_report(name: str, quick: bool) -> dict[str, Any]:
+    """op_grouping's report (chains, slice counts, estimated peaks) for the workload's zc compile."""
+    import tempfile
+
+    from zc.dump import load_report
+
+    model, args, _ = build(name, quick)
+    with tempfile.TemporaryDirectory() as dump, torch.no_grad():
+        torch._dynamo.reset()
+        options = {"op_grouping": {"max_slices": ZC_SLICES}, "dump": dump}
+        torch.compile(model, backend="zc", options=options)(*args)
+        passes = [p for graph in sorted(Path(dump).iterdir()) for s in load_report(graph)["stages"]
+                  for p in s["passes"] if p["name"] == "op_grouping"]
+    return {
+        "status": [p["status"] for p in passes],
+        "estimated_peak_bytes": [(p["metrics"].get("estimated_peak_bytes_before"),
+                                  p["metrics"].get("estimated_peak_bytes_after")) for p in passes],
+        "chains": [{k: c[k] for k in ("seed", "dim", "units", "slices")} | {"ops": len(c["ops"])}
+                   for p in passes for c in p["metrics"].get("chains", [])],
+    }
+
+
+def run_workload(name: str, quick: bool, rounds: int, threads: int) -> dict[str, Any]:
+    names = variant_names(name, quick)
+    memory = {v: measure_peak(name, v, quick, threads) for v in names}
+    calls, outputs = {}, {}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for variant in names:
+            run, args = prepare(name, variant, quick)
+            outputs[variant] = run(*args).clone()
+            calls[variant] = (lambda run=run, args=args: run(*args))
+        per_round: dict[str, list[float]] = {v: [] for v in names}
+        for _ in range(rounds):
+            for variant, call in calls.items():
+                per_round[variant].append(statistics.median(timed_block(call, select_device(), 0.3)))
+    reference = outputs["inductor"]
+    scale = outputs["eager"].abs().max().item()
+    result = {"variants": {}, "zc_report": zc_report(name, quick)}
+    for variant in names:
+        ratio = statistics.median(t / r for t, r in zip(per_round[variant], per_round["inductor"]))
+        result["variants"][variant] = {
+            "peak_activation_mb": memory[variant]["peak_activation_bytes"] / 1e6,
+            "memory_vs_inductor": memory[variant]["peak_activation_bytes"] / memory["inductor"]["peak_activation_bytes"],
+            "median_ms": statistics.median(per_round[variant]),
+            "time_vs_inductor": ratio,
+            "max_abs_vs_inductor": (outputs[variant] - reference).abs().max().item(),
+            "rel_err_vs_eager": (outputs[variant] - outputs["eager"]).abs().max().item() / scale,
+        }
+    model, args, _ = build(name, quick)
+    result["inputs"] = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    return result
+
+
+def plot(path: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = [w for w in WORKLOADS if w in results]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "peak_activation_mb", "peak activation MB (measured, RSS)"),
+                           (axes[1], "time_vs_inductor", "time / Inductor time")):
+        variants = list(dict.fromkeys(v for w in workloads for v in results[w]["variants"]))
+        width = 0.8 / len(variants)
+        for i, variant in enumerate(variants):
+            xs = [m + (i - (len(variants) - 1) / 2) * width for m in range(len(workloads))]
+            heights = [results[w]["variants"].get(variant, {}).get(key, float("nan")) for w in workloads]
+            bars = ax.bar(xs, heights, width, label=variant)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks(range(len(workloads)), workloads)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("op_grouping (CPU, fp32): peak activation memory and time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*", choices=list(WORKLOADS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child_peak(*args.child, args.quick)))
+        return
+    device = select_device()
+    results: dict[str, Any] = {"environment": environment(device), "zc_slices": ZC_SLICES, "threads": args.threads}
+    for name in args.only or WORKLOADS:
+        results[name] = run_workload(name, args.quick, rounds=3 if args.quick else 5, threads=args.threads)
+        block = results[name]
+        print(f"\n{name} {block['inputs']}  (zc chains: {block['zc_report']['chains']})")
+        rows = [[v, f"{m['peak_activation_mb']:.1f}", f"{m['memory_vs_inductor']:.2f}", f"{m['median_ms']:.0f}",
+                 f"{m['time_vs_inductor']:.2f}", f"{m['max_abs_vs_inductor']:.2g}", f"{m['rel_err_vs_eager']:.2g}"]
+                for v, m in block["variants"].items()]
+        print(format_table(["variant", "peak act. MB", "mem / inductor", "median ms", "time / inductor",
+                            "max |out - inductor|", "rel err vs eager"], rows))
+    name = "op_grouping" + ("-quick" if args.quick else "")
+    path = write_results(args.out, device, name, results)
+    plot(path.with_suffix(".png"), results)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""op_grouping: chains of ops sliced along an independent dim, exact, with fewer live bytes."""
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from zc.config import ZcConfig
+from zc.dump import load_report
+from zc.fx_passes.pass_manager import ZcWarning
+
+
+def _op_grouping_report(tmp_path):
+    reports = [load_report(graph) for graph in sorted(tmp_path.iterdir())]
+    return [p for r in reports for stage in r["stages"] for p in stage["passes"] if p["name"] == "op_grouping"]
+
+
+def _compile_zc(f, tmp_path, **options):
+    return torch.compile(f, backend="zc", options={"op_grouping": options, "dump": str(tmp_path), "strict": True})
+
+
+def _llama_mlp(hidden=64, intermediate=256):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    return LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu")).eval()
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ffn_token_slices_equal_unsliced_compiled_model(tmp_path, batch):
+    mlp = _llama_mlp()
+    x = torch.randn(batch, 128, 64)
+
+    def block(x):
+        return mlp(x) + x
+
+    with torch.no_grad():
+        expected = torch.compile(block, backend="inductor")(x)
+        torch._dynamo.reset()
+        out, (code,) = run_and_get_code(_compile_zc(block, tmp_path, max_slices=4), x)
+        eager = block(x)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, eager)
+    (report,) = _op_grouping_report(tmp_path)
+    assert report["status"] == "applied"
+    (chain,) = report["metrics"]["chains"]
+    assert chain["slices"] == 4 and chain["units"] == 128  # tokens, also across the batch
+    # The whole FFN (gate, up, SiLU*mul, down, residual add) runs per slice.
+    assert sum(op.startswith("mm") for op in chain["ops"]) == 3
+    assert report["metrics"]["estimated_peak_bytes_after"] < report["metrics"]["estimated_peak_bytes_before"]
+    # Generated code: 3 GEMMs per slice on a quarter of the rows, one fused SiLU*mul kernel reused
+    # by every slice, and buffers reused from one slice to the next.
+    calls = code[code.index("def call("):]
+    assert len(re.findall(r"extern_kernels\.mm\(", calls)) == 12
+    allocations = [eval(shape) for shape in re.findall(r"empty_strided_cpu\((\([\d, ]+\))", calls)]
+    # The largest buffer holds one slice's [batch * 32, 256] (or the [batch, 128, 64] output),
+    # never the whole [batch * 128, 256] intermediate.
+    assert max(map(math.prod, allocations)) == batch * 32 * 256, allocations
+    silu_kernels = re.findall(r"(cpp_fused\w*silu\w*)\(", calls)
+    assert len(silu_kernels) == 4 and len(set(silu_kernels)) == 1
+    assert "# reuse" in calls
+
+
+def test_transformers_bert_layers_exact(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (2, 64))
+
+    def run(ids):
+        return model(ids).last_hidden_state
+
+    with torch.no_grad():
+        expected = torch.compile(run, backend="inductor")(ids)
+        torch._dynamo.reset()
+        out = _compile_zc(run, tmp_path, max_slices=4)(ids)
+        eager = run(ids)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(out, eager)
+    (report,) = _op_grouping_report(tmp_path)
+    ffn_chains = [c for c in report["metrics"]["chains"] if c["units"] == 64 and c["dim"] == 0]
+    assert len(ffn_chains) == 2, report["metrics"]["chains"]  # one GELU FFN per layer, over tokens
+
+
+@pytest.mark.slow
+def test_diffusers_vae_decoder_batch_slices(tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1).eval()
+    z = torch.randn(2, 4, 16, 16)
+
+    def decode(z):
+        return vae.decode(z).sample
+
+    with torch.no_grad():
+        expected = torch.compile(decode, backend="inductor")(z)
+        torch._dynamo.reset()
+        out = _compile_zc(decode, tmp_path, max_slices=2)(z)
+        eager = decode(z)
+    # oneDNN may pick another convolution algorithm for a batch of 1 than for 2: equal up to
+    # float reassociation, not bit for bit.
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, eager)
+    (report,) = _op_grouping_report(tmp_path)
+    chain = max(report["metrics"]["chains"], key=lambda c: len(c["ops"]))
+    assert chain["dim"] == 0 and chain["slices"] == 2
+    # Group norms reduce over channels and pixels of one image: they run inside the batch slices.
+    assert any(op.startswith("var_mean") for op in chain["ops"])
+    assert any(op.startswith("convolution") for op in chain["ops"])
+
+
+def test_rows_of_a_softmax_are_sliced_but_never_its_reduced_dim(tmp_path):
+    w_up, w_down = torch.randn(32, 512), torch.randn(512, 32)
+
+    def f(x):
+        return torch.softmax(x @ w_up, dim=1) @ w_down  # scores-like: softmax over the last dim
+
+    x = torch.randn(256, 32)
+    with torch.no_grad():
+        expected = torch.compile(f, backend="inductor")(x)
+        torch._dynamo.reset()
+        out = _compile_zc(f, tmp_path, max_slices=4)(x)
+    assert torch.equal(out, expected)
+    (report,) = _op_grouping_report(tmp_path)
+    (chain,) = report["metrics"]["chains"]
+    assert chain["dim"] == 0 and chain["units"] == 256
+    assert {"amax", "sum_1"} <= set(chain["ops"])  # the softmax's reductions run inside each row slice
+
+
+def test_softmax_and_norm_over_the_only_free_dims_block_slicing(tmp_path):
+    w_up, w_down = torch.randn(32, 256), torch.randn(256, 32)
+
+    def f(x):
+        h = x @ w_up
+        p = torch.softmax(h, dim=0)  # over tokens: blocks token slices
+        n = torch.nn.functional.layer_norm(h, (256,))  # over features: blocks feature slices
+        return p @ w_down, n.sum(dim=0)
+
+    x = torch.randn(128, 32)
+    with torch.no_grad():
+        expected = torch.compile(f, backend="inductor")(x)
+        torch._dynamo.reset()
+        out = _compile_zc(f, tmp_path, max_slices=4)(x)
+    for got, want in zip(out, expected):
+        assert torch.equal(got, want)
+    (report,) = _op_grouping_report(tmp_path)
+    assert report["status"] == "skipped"
+    reasons = {s["where"]: s["reason"] for s in report["skips"]}
+    # dim 0: the softmax's sum reads the chain and is broadcast back whole; dim 1: the norm's rsqrt.
+    assert re.search(r"dim 0: sum_1 reads the chain", reasons["mm"]), reasons["mm"]
+    assert re.search(r"dim 1: rsqrt reads the chain", reasons["mm"]), reasons["mm"]
+
+
+def _budget_run(tmp_path, budget, x):
+    mlp = _llama_mlp(hidden=64, intermediate=512)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        out = _compile_zc(lambda x: mlp(x) + x, tmp_path, memory_budget=budget)(x)
+        expected = mlp(x) + x
+    torch.testing.assert_close(out, expected)
+    (report,) = _op_grouping_report(tmp_path)
+    return report
+
+
+def test_slice_count_obeys_the_budget(tmp_path):
+    x = torch.randn(1, 256, 64)
+    unsliced = _budget_run(tmp_path / "a", "1GB", x)
+    before = unsliced["metrics"]["estimated_peak_bytes_before"]
+    assert unsliced["status"] == "unchanged" and unsliced["metrics"]["budget_reached"]
+
+    tight = _budget_run(tmp_path / "b", before // 3, x)
+    looser = _budget_run(tmp_path / "c", before // 2, x)
+    for report, budget in ((tight, before // 3), (looser, before // 2)):
+        assert report["metrics"]["budget_reached"]
+        assert report["metrics"]["estimated_peak_bytes_after"] <= budget
+    (tight_chain,), (loose_chain,) = tight["metrics"]["chains"], looser["metrics"]["chains"]
+    assert tight_chain["slices"] > loose_chain["slices"] >= 2
+
+
+def test_unreachable_budget_warns_with_the_achievable_peak(tmp_path):
+    x = torch.randn(1, 64, 64)
+    with pytest.warns(ZcWarning, match=r"cannot bring .* under the memory budget of 10 B: the smallest estimated peak"):
+        report = _budget_run(tmp_path, 10, x)
+    assert report["metrics"]["budget_reached"] is False
+    (chain,) = report["metrics"]["chains"]
+    assert chain["slices"] >= 2
+
+
+def test_no_sliceable_chain_is_skipped_with_reason(tmp_path):
+    def f(x):
+        return torch.cumsum(x, dim=0).sum(dim=1)  # every large tensor is read whole by a scan
+
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        out = _compile_zc(f, tmp_path, max_slices=4)(x)
+    torch.testing.assert_close(out, f(x), rtol=1e-4, atol=1e-4)
+    (report,) = _op_grouping_report(tmp_path)
+    assert report["status"] == "skipped"
+    assert any("no chain" in s["reason"] for s in report["skips"])
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"memory_budget": "lots"}, "op_grouping.memory_budget"),
+    ({"memory_budget": 0}, "op_grouping.memory_budget"),
+    ({"memory_budget": 1.5}, "op_grouping.memory_budget"),
+    ({"max_slices": 1}, "op_grouping.max_slices"),
+    ({"slices": 4}, "op_grouping.slices"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ZcConfig.from_options({"op_grouping": options})
+
+
+def test_budget_strings():
+    assert ZcConfig.from_options({"op_grouping": "2GB"}).op_grouping.budget_bytes() == 2 * 10**9
+    assert ZcConfig.from_options({"op_grouping": {"memory_budget": "512MiB"}}).op_grouping.budget_bytes() == 512 * 2**20
+    assert ZcConfig.from_options({"op_grouping": {"memory_budget": 4096}}).op_grouping.budget_bytes() == 4096

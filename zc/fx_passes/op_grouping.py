@@ -1,0 +1,901 @@
+"""op_grouping: slice large activations and run chains of ops per slice to bound peak memory (exact).
+
+The Feature Slicer + Operator Grouping of Streamlined Inference, found on the ATen graph instead
+of written by hand (``enable_forward_chunking``, attention slicing, VAE slicing).
+
+**Slicings.** A tensor is sliced along one of its dims, or along a factor of one: dim ``d`` of
+size ``outer * U * inner`` is read as ``(outer, U, inner)`` and a slice keeps a range of the
+middle factor. ``U`` (the *unit* count) is common to a whole chain. The factor form lets a
+slice cross the reshapes Inductor's decompositions put around every linear: slicing the tokens
+``T`` of ``[B, T, H]`` is slicing the factor ``(B, T, 1)`` of the rows of ``[B*T, H]``.
+
+**Rules.** For each op, :func:`_input_slicings` says which slicing of each tensor input yields
+a given slicing of the output, or that the input is read whole (a weight, a broadcast operand,
+keys/values for a slice of queries), or that the output cannot be sliced that way (a reduced
+dim of a sum / amax / var_mean - so softmax and norms are never split over the dim they reduce
+- or the contraction dim of a matmul). Pointwise ops (Inductor's ``pointwise`` tag) slice every
+dim; ``mm``/``addmm``/``bmm`` rows, columns and batch; convolution its batch and output
+channels; reshapes, permutes and (un)squeezes map the dim through.
+
+**Chains.** Starting from the largest activations, a chain grows through producers and
+consumers whose slicing the rules derive, keeping to tensors at least half as large as the
+seed, plus the consumers that read a large tensor (the down-projection of an FFN, the ``amax``
+of a softmax). Every dim of the seed is tried; the chain that leaves the least behind full
+size is kept. A chain must be convex (no path leaves it and comes back) and consistent (one
+slicing per node), else it is dropped with the reason in the report.
+
+**Rewrite.** The chain's nodes are copied once per slice, reading slices (views) of its entries
+and whole weights; each exit is the ``cat`` of its slices. Slices follow each other in the graph,
+so Inductor's scheduler runs them in order and its buffer reuse gives each slice the memory the
+previous one freed: only one slice's intermediates are alive at a time. Each slice is fused by
+Inductor like the original chain (the same kernels, on smaller tensors).
+
+**Slice counts.** ``max_slices`` slices every worthwhile chain that many times; with a
+``memory_budget`` a liveness simulation of the graph (pointwise ops fused into their single
+consumer, as Inductor does; views free) picks, chain by chain where the simulated peak lies, the
+smallest counts whose estimated peak fits. A budget no slicing reaches compiles the smallest
+peak found and warns with that figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import operator
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch._inductor.pattern_matcher import stable_topological_sort
+
+from zc.config import OpGroupingConfig
+from zc.fx_passes.pass_manager import PassContext, PassReport, ZcWarning
+
+log = logging.getLogger("zc")
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Slices are separate copies of the chain in the graph, so compile time grows with the count.
+DEFAULT_SLICES = 8
+MAX_SLICES = 64
+# A node joins a chain through a producer or consumer edge when its output is at least this
+# fraction of the seed's: the chain keeps to the tensors that dominate memory.
+LARGE_FRACTION = 0.5
+# A chain is worth slicing when its internal peak is larger than what it leaves full size
+# (entries it reads + exits it writes) times this.
+MIN_GAIN = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Slicing:
+    """Dim ``dim`` read as ``(outer, U, inner)``; a slice is a range of the middle factor."""
+
+    dim: int
+    outer: int = 1
+    inner: int = 1
+
+
+WHOLE = "whole"
+
+
+# ---------------------------------------------------------------------------------------------
+# per-op rules: output slicing -> slicing of each tensor argument occurrence
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...] | None:
+    value = _val(node)
+    if isinstance(value, (tuple, list)):
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return tuple(int(s) for s in value.shape)
+    except (TypeError, ValueError):  # symbolic sizes
+        return None
+
+
+def _occurrences(node: torch.fx.Node) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+def _broadcast(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    out_shape = _shape(node)
+    result = []
+    for arg in _occurrences(node):
+        shape = _shape(arg)
+        if shape is None:
+            return None
+        dim = out.dim - (len(out_shape) - len(shape))
+        if dim < 0 or shape[dim] == 1:
+            result.append(WHOLE)
+        elif shape[dim] == out_shape[out.dim]:
+            result.append(Slicing(dim, out.outer, out.inner))
+        else:
+            return None
+    return result
+
+
+def _reshape(in_shape: Sequence[int], out_shape: Sequence[int], out: Slicing, units: int) -> Slicing | None:
+    """The slicing of a reshape's input that gives ``out`` on its output (same flat positions)."""
+    stride = out.inner * math.prod(out_shape[out.dim + 1:])
+    for dim in range(len(in_shape)):
+        inner_size = math.prod(in_shape[dim + 1:])
+        if in_shape[dim] > 1 and inner_size <= stride < inner_size * in_shape[dim]:
+            if stride % inner_size:
+                return None
+            inner = stride // inner_size
+            if in_shape[dim] % (inner * units):
+                return None
+            return Slicing(dim, in_shape[dim] // (inner * units), inner)
+    return None
+
+
+def _reduced_dims(node: torch.fx.Node, ndim: int) -> set[int]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None:
+        return set(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return {d % ndim for d in dims}
+
+
+def _keepdim(node: torch.fx.Node) -> bool:
+    if "keepdim" in node.kwargs:
+        return bool(node.kwargs["keepdim"])
+    return bool(node.args[2]) if len(node.args) > 2 and isinstance(node.args[2], bool) else False
+
+
+def _reduction(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    in_shape = _shape(node.args[0])
+    reduced = _reduced_dims(node, len(in_shape))
+    kept = [d for d in range(len(in_shape)) if _keepdim(node) or d not in reduced]
+    dim = kept[out.dim]
+    if dim in reduced:
+        return None
+    return [Slicing(dim, out.outer, out.inner)]
+
+
+def _matmul(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    target = node.target
+    if target is aten.bmm.default:
+        a_map = {0: 0, 1: 1}
+        b_map = {0: 0, 2: 2}
+    else:  # mm / addmm
+        a_map = {0: 0}
+        b_map = {1: 1}
+    a = Slicing(a_map[out.dim], out.outer, out.inner) if out.dim in a_map else WHOLE
+    b = Slicing(b_map[out.dim], out.outer, out.inner) if out.dim in b_map else WHOLE
+    if target is aten.addmm.default:
+        if len(_occurrences(node)) != 3:
+            return None
+        bias_shape, out_shape = _shape(node.args[0]), _shape(node)
+        dim = out.dim - (len(out_shape) - len(bias_shape))
+        if dim < 0 or bias_shape[dim] == 1:
+            bias = WHOLE
+        elif bias_shape[dim] == out_shape[out.dim]:
+            bias = Slicing(dim, out.outer, out.inner)
+        else:
+            return None
+        return [bias, a, b]
+    return [a, b]
+
+
+def _convolution(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    transposed, groups = node.args[6], node.args[8]
+    has_bias = node.args[2] is not None
+    if out.dim == 0:
+        return [out, WHOLE] + ([WHOLE] if has_bias else [])
+    if out.dim == 1 and groups == 1 and not transposed:
+        return [WHOLE, Slicing(0, out.outer, out.inner)] + ([Slicing(0, out.outer, out.inner)] if has_bias else [])
+    return None
+
+
+def _attention(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    """CPU flash attention ``(q, k, v, ...)`` [B, H, L, E]: batch, heads, or query rows."""
+    if out.dim > 2:
+        return None
+    args = _occurrences(node)
+    result = []
+    for index, arg in enumerate(args):
+        shape = _shape(arg)
+        if index < 3:
+            if out.dim == 2:
+                result.append(out if index == 0 else WHOLE)
+            elif shape[out.dim] == _shape(node)[out.dim]:
+                result.append(out)
+            else:
+                return None
+        else:  # attn_mask, broadcast against [B, H, L, S]
+            dim = out.dim - (4 - len(shape))
+            if dim < 0 or shape[dim] == 1:
+                result.append(WHOLE)
+            elif shape[dim] == _shape(node)[out.dim]:
+                result.append(Slicing(dim, out.outer, out.inner))
+            else:
+                return None
+    return result
+
+
+def _view_like(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    if node.target is aten.as_strided.default and not _as_strided_is_reshape(node):
+        return None
+    sliced = _reshape(in_shape, out_shape, out, units)
+    return None if sliced is None else [sliced]
+
+
+def _as_strided_is_reshape(node: torch.fx.Node) -> bool:
+    source = _val(node.args[0])
+    size, stride = list(node.args[1]), list(node.args[2])
+    offset = node.args[3] if len(node.args) > 3 else node.kwargs.get("storage_offset", 0)
+    return (
+        not offset
+        and source.is_contiguous()
+        and math.prod(size) == source.numel()
+        and stride == _contiguous_strides(size)
+    )
+
+
+def _contiguous_strides(size: Sequence[int]) -> list[int]:
+    strides, running = [], 1
+    for s in reversed(size):
+        strides.append(running)
+        running *= s
+    return strides[::-1]
+
+
+def _permute(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    perm = [p % len(node.args[1]) for p in node.args[1]]
+    return [Slicing(perm[out.dim], out.outer, out.inner)]
+
+
+def _unsqueeze(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    inserted = node.args[1] % len(_shape(node))
+    return [Slicing(out.dim - (out.dim > inserted), out.outer, out.inner)]
+
+
+def _squeeze(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    return [_reshape(in_shape, out_shape, out, units)]
+
+
+def _expand(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    return _broadcast(node, out, units)
+
+
+def _same_dim(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    return [out] + [WHOLE] * (len(_occurrences(node)) - 1)
+
+
+def _cat(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    if out.dim == node.args[1] % len(_shape(node)) if len(node.args) > 1 else out.dim == 0:
+        return None
+    return [out] * len(_occurrences(node))
+
+
+def _slice(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    dim = node.args[1] if len(node.args) > 1 else 0
+    if dim % len(_shape(node)) == out.dim:
+        return None
+    return [out]
+
+
+def _unsafe_index(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    indices = node.args[1]
+    if out.dim >= len(indices) or indices[out.dim] is not None:
+        return None
+    # Only leading unindexed dims keep their position in the output.
+    if any(i is not None for i in indices[: out.dim]):
+        return None
+    return [out] + [WHOLE] * (len(_occurrences(node)) - 1)
+
+
+_REDUCTIONS = {
+    aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.mean.dim,
+    aten.var_mean.correction, aten.var.correction, aten.prod.dim_int, aten.argmax.default,
+    aten.argmin.default, aten.any.dim, aten.logsumexp.default,
+}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.as_strided.default}
+_RULES: dict[Any, Callable[[torch.fx.Node, Slicing, int], list[Any] | None]] = {
+    **{op: _reduction for op in _REDUCTIONS},
+    **{op: _view_like for op in _VIEWS},
+    aten.mm.default: _matmul,
+    aten.addmm.default: _matmul,
+    aten.bmm.default: _matmul,
+    aten.convolution.default: _convolution,
+    aten._scaled_dot_product_flash_attention_for_cpu.default: _attention,
+    aten.permute.default: _permute,
+    aten.unsqueeze.default: _unsqueeze,
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
+    aten.squeeze.default: _squeeze,
+    aten.expand.default: _expand,
+    aten.clone.default: _same_dim,
+    aten.cat.default: _cat,
+    aten.slice.Tensor: _slice,
+    aten._unsafe_index.Tensor: _unsafe_index,
+    operator.getitem: _same_dim,
+}
+# Ops whose result aliases their input (no buffer of their own in Inductor's code).
+_ALIASES = _VIEWS | {
+    aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.expand.default, aten.slice.Tensor, operator.getitem,
+}
+
+
+def _is_pointwise(node: torch.fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
+
+
+def _input_slicings(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    """Slicing (or ``WHOLE``) of each tensor occurrence in ``node``'s arguments for ``out``."""
+    if node.op != "call_function":
+        return None
+    shape = _shape(node)
+    if shape is None or out.dim >= len(shape) or shape[out.dim] != out.outer * units * out.inner:
+        return None
+    if node.target is operator.getitem:
+        if not isinstance(_val(node.args[0]), (tuple, list)):
+            return None
+    elif isinstance(_val(node), (tuple, list)) and node.target not in _REDUCTIONS and node.target not in _RULES:
+        return None
+    rule = _RULES.get(node.target)
+    if rule is None:
+        if not _is_pointwise(node):
+            return None
+        rule = _broadcast
+    if any(_shape(arg) is None for arg in _occurrences(node)):
+        return None
+    try:
+        return rule(node, out, units)
+    except (IndexError, TypeError, ValueError):  # an argument form the rule does not know
+        return None
+
+
+def _output_slicing(user: torch.fx.Node, occurrence: int, given: Slicing, units: int) -> Slicing | None:
+    """The slicing of ``user``'s output under which its ``occurrence``-th input is ``given``."""
+    shape = _shape(user)
+    if shape is None:
+        return None
+    for dim, size in enumerate(shape):
+        if size % units:
+            continue
+        rest = size // units
+        for inner in _divisors(rest):
+            out = Slicing(dim, rest // inner, inner)
+            needed = _input_slicings(user, out, units)
+            if needed is not None and needed[occurrence] == given:
+                return out
+    return None
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory accounting
+
+
+def _bytes(node: torch.fx.Node) -> int:
+    value = _val(node)
+    values = value if isinstance(value, (tuple, list)) else [value]
+    total = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            try:
+                total += int(v.numel()) * v.element_size()
+            except (TypeError, ValueError):
+                return 0
+    return total
+
+
+def _materialized(node: torch.fx.Node) -> bool:
+    """Whether Inductor gives ``node`` a buffer of its own (roughly: pointwise ops with one
+    consumer are fused into it, views alias their input)."""
+    if node.op != "call_function" or node.target in _ALIASES:
+        return False
+    if _is_pointwise(node) and len(node.users) == 1:
+        (user,) = node.users
+        return not (_is_pointwise(user) or user.target in _REDUCTIONS)
+    return True
+
+
+@dataclasses.dataclass
+class _Item:
+    """One step of the abstract schedule that :func:`_simulate_peak` walks."""
+
+    key: Any
+    nbytes: int
+    reads: list[Any]
+    alias_of: Any = None
+
+
+def _simulate_peak(items: list[_Item]) -> tuple[int, int]:
+    """Peak bytes of buffers alive over the schedule (a buffer dies after its last reader, views
+    keep their base alive) and the index where it is reached."""
+    base = {}
+    for item in items:
+        base[item.key] = base.get(item.alias_of, item.alias_of) if item.alias_of is not None else item.key
+    last_read: dict[Any, int] = {}
+    for index, item in enumerate(items):
+        for read in item.reads:
+            last_read[base.get(read, read)] = index
+    live, peak, peak_at = 0, 0, 0
+    dying: dict[int, list[int]] = {}
+    for index, item in enumerate(items):
+        if item.alias_of is None and item.nbytes:
+            live += item.nbytes
+            dying.setdefault(last_read.get(item.key, index), []).append(item.nbytes)
+        if live > peak:
+            peak, peak_at = live, index
+        live -= sum(dying.pop(index, []))
+    return peak, peak_at
+
+
+# ---------------------------------------------------------------------------------------------
+# chains
+
+
+@dataclasses.dataclass
+class Chain:
+    nodes: dict[torch.fx.Node, Slicing]  # in graph order
+    units: int
+    seed: torch.fx.Node
+    entries: dict[tuple[torch.fx.Node, Slicing], None]
+    exits: list[torch.fx.Node]
+    slices: int = 1
+
+    def describe(self) -> str:
+        seed = self.nodes[self.seed]
+        return (
+            f"{len(self.nodes)} ops around {self.seed.name} {list(_shape(self.seed))}, "
+            f"dim {seed.dim} ({self.units} units)"
+        )
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.fx.Node, int]) -> Chain:
+    threshold = _bytes(seed) * LARGE_FRACTION
+    region: dict[torch.fx.Node, Slicing] = {}
+    needs: dict[torch.fx.Node, list[Any]] = {}
+    work = [(seed, slicing)]
+
+    def add(node: torch.fx.Node, sliced: Slicing) -> None:
+        if node in region:
+            if region[node] != sliced:
+                raise _Rejected(f"{node.name} would need two slicings ({region[node]} and {sliced})")
+            return
+        needed = _input_slicings(node, sliced, units)
+        if needed is None:
+            raise _Rejected(f"{node.name} ({node.target}) cannot be sliced along dim {sliced.dim}")
+        region[node] = sliced
+        needs[node] = needed
+        work.append((node, sliced))
+        if isinstance(_val(node), (tuple, list)):  # every projection of a tuple goes with it
+            for user in node.users:
+                add(user, sliced)
+
+    def drain() -> None:
+        while work:
+            node, sliced = work.pop()
+            for arg, need in zip(_occurrences(node), needs[node]):
+                if need is WHOLE or arg in region:
+                    if arg in region and region[arg] != need:
+                        raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
+                    continue
+                if arg.op == "call_function" and _bytes(arg) >= threshold and _input_slicings(arg, need, units):
+                    add(arg, need)
+            # Users of a small node join only as its single pointwise epilogue (the residual add
+            # after a down-projection): the chain then writes its exit in place of the input it
+            # would have left behind.
+            epilogue = len(node.users) == 1 and all(_is_pointwise(u) or u.target in _ALIASES for u in node.users)
+            if _bytes(node) < threshold and node is not seed and not epilogue:
+                continue
+            for user in node.users:
+                if user in region or user.op != "call_function":
+                    continue
+                for index, arg in enumerate(_occurrences(user)):
+                    if arg is node:
+                        out = _output_slicing(user, index, sliced, units)
+                        if out is not None:
+                            try:
+                                add(user, out)
+                            except _Rejected:
+                                pass
+                        break
+
+    add(seed, slicing)
+    drain()
+    # Ops on a path that leaves the chain and comes back (a norm's statistics, reshaped and
+    # broadcast back onto the tensor they came from) join it, slice-wise, or the chain is dropped.
+    while between := _between(region, order):
+        for node in sorted(between, key=order.__getitem__, reverse=True):
+            user = next(u for u in node.users if u in region)
+            need = needs[user][_occurrences(user).index(node)]
+            if need is WHOLE:
+                raise _Rejected(f"{node.name} reads the chain but {user.name} needs it whole")
+            add(node, need)
+        drain()
+
+    # A user reached twice must read every region input under the slicing its producer has.
+    for node in region:
+        for arg, need in zip(_occurrences(node), needs[node]):
+            if arg in region and need != region[arg]:
+                raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
+    nodes = dict(sorted(region.items(), key=lambda item: order[item[0]]))
+    entries = {}
+    for node in nodes:
+        for arg, need in zip(_occurrences(node), needs[node]):
+            if need is not WHOLE and arg not in region:
+                entries[(arg, need)] = None
+    exits = [n for n in nodes if any(u not in region for u in n.users)]
+    if any(isinstance(_val(n), (tuple, list)) for n in exits):
+        raise _Rejected("a multi-output op of the chain is read outside it")
+    return Chain(nodes, units, seed, entries, exits)
+
+
+def _between(region: dict[torch.fx.Node, Slicing], order: dict[torch.fx.Node, int]) -> set[torch.fx.Node]:
+    """Nodes outside ``region`` on a path from it back into it."""
+    last = max(order[n] for n in region)
+    descendants: set[torch.fx.Node] = set()
+    frontier = [u for n in region for u in n.users if u not in region and order[u] < last]
+    while frontier:
+        node = frontier.pop()
+        if node not in descendants:
+            descendants.add(node)
+            frontier.extend(u for u in node.users if u not in region and order[u] < last)
+    between: set[torch.fx.Node] = set()
+    changed = True
+    while changed:  # keep the descendants that reach the region again
+        changed = False
+        for node in descendants - between:
+            if any(u in region or u in between for u in node.users):
+                between.add(node)
+                changed = True
+    return between
+
+
+def _chain_gain(chain: Chain) -> tuple[int, int]:
+    """(internal peak bytes, bytes the chain leaves full size: entries + exits)."""
+    items = []
+    for node in chain.nodes:
+        items.append(_Item(node, _bytes(node) if _materialized(node) else 0,
+                           [a for a in _occurrences(node) if a in chain.nodes],
+                           node.args[0] if node.target in _ALIASES else None))
+    internal, _ = _simulate_peak(items)
+    boundary = sum(_bytes(arg) for arg, _ in chain.entries) + sum(_bytes(n) for n in chain.exits)
+    return internal, boundary
+
+
+def _seed_slicings(seed: torch.fx.Node) -> list[tuple[Slicing, int, str]]:
+    """Ways to slice ``seed``: each of its dims, and each dim of a reshape of it (the tokens of
+    ``[B, T, H]`` are a factor of the rows of the ``[B*T, 4H]`` an FFN's matmul writes)."""
+    shape = _shape(seed)
+    found: dict[tuple[Slicing, int], str] = {}
+    for dim, size in enumerate(shape):
+        if size >= 2:
+            found.setdefault((Slicing(dim), size), f"dim {dim}")
+    group, frontier = {seed}, [seed]
+    while frontier:
+        node = frontier.pop()
+        neighbours = list(node.users) + ([node.args[0]] if node.target in _VIEWS else [])
+        for other in neighbours:
+            if other not in group and other.target in _VIEWS and _shape(other) is not None:
+                group.add(other)
+                frontier.append(other)
+            elif other not in group and node.target in _VIEWS and other is node.args[0] and _shape(other):
+                group.add(other)
+                frontier.append(other)
+    for view in group - {seed}:
+        view_shape = _shape(view)
+        if math.prod(view_shape) != math.prod(shape):
+            continue
+        for dim, size in enumerate(view_shape):
+            if size < 2:
+                continue
+            sliced = _reshape(shape, view_shape, Slicing(dim), size)
+            if sliced is not None:
+                found.setdefault((sliced, size), f"dim {dim} of {view.name} {list(view_shape)}")
+    return [(slicing, units, label) for (slicing, units), label in found.items()]
+
+
+def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    candidates = [
+        n for n in graph.nodes
+        if n.op == "call_function" and _materialized(n) and _shape(n) and _bytes(n) > 0
+        and not isinstance(_val(n), (tuple, list))
+    ]
+    candidates.sort(key=lambda n: (-_bytes(n), order[n]))
+    taken: set[torch.fx.Node] = set()
+    chains: list[Chain] = []
+    largest = _bytes(candidates[0]) if candidates else 0
+    for seed in candidates:
+        # Activations far smaller than the largest ones do not set the peak.
+        if _bytes(seed) * 8 < largest:
+            break
+        if seed in taken:
+            continue
+        best, reasons = None, []
+        for slicing, units, label in _seed_slicings(seed):
+            try:
+                chain = _grow(seed, slicing, units, order)
+            except _Rejected as why:
+                reasons.append(f"{label}: {why}")
+                continue
+            if any(n in taken for n in chain.nodes):
+                reasons.append(f"{label}: overlaps a chain already grouped")
+                continue
+            internal, boundary = _chain_gain(chain)
+            if internal <= boundary * MIN_GAIN:
+                reasons.append(f"{label}: its intermediates ({internal} B) are not larger than what "
+                               f"it reads and writes whole ({boundary} B)")
+                continue
+            # What the chain could save at most: a dim of few units (a batch of 2) saves less.
+            score = internal * (1 - 1 / min(chain.units, MAX_SLICES)) - boundary
+            if best is None or score > best[0]:
+                best = (score, chain)
+        if best is None:
+            report.skipped(seed.name, f"{list(_shape(seed))}: " + "; ".join(reasons or ["no dim to slice"]))
+            continue
+        chains.append(best[1])
+        taken.update(best[1].nodes)
+    return chains
+
+
+# ---------------------------------------------------------------------------------------------
+# slice counts
+
+
+def _schedule(graph: torch.fx.Graph, chains: Sequence[Chain]) -> list[_Item]:
+    """The abstract schedule of the graph after rewriting ``chains`` with their slice counts."""
+    owner = {node: chain for chain in chains for node in chain.nodes}
+    last_of = {list(chain.nodes)[-1]: chain for chain in chains}
+    items: list[_Item] = []
+    for node in graph.nodes:
+        chain = owner.get(node)
+        if chain is None:
+            if node.op in ("placeholder", "get_attr"):
+                continue
+            items.append(_Item(node, _bytes(node) if _materialized(node) else 0, _occurrences(node),
+                               node.args[0] if node.target in _ALIASES else None))
+            continue
+        if node not in last_of:
+            continue
+        largest_slice = math.ceil(chain.units / chain.slices)
+        for k in range(chain.slices):
+            for member in chain.nodes:
+                reads = [(a, k) if a in chain.nodes else a for a in _occurrences(member)]
+                size = _bytes(member) * largest_slice // chain.units if _materialized(member) or member in chain.exits else 0
+                alias = (member.args[0], k) if member.target in _ALIASES and member.args[0] in chain.nodes else None
+                if member.target in _ALIASES and alias is None:
+                    size = 0
+                items.append(_Item((member, k), size, reads, alias))
+        for exit_node in chain.exits:
+            items.append(_Item(exit_node, _bytes(exit_node), [(exit_node, k) for k in range(chain.slices)]))
+    return items
+
+
+def _estimate(graph: torch.fx.Graph, chains: Sequence[Chain]) -> tuple[int, int, list[_Item]]:
+    items = _schedule(graph, chains)
+    peak, at = _simulate_peak(items)
+    return peak, at, items
+
+
+def choose_slices(graph: torch.fx.Graph, chains: list[Chain], config: OpGroupingConfig) -> tuple[int, int]:
+    """Set each chain's slice count; returns the estimated peak before and after.
+
+    Greedy on the simulated schedule: while the peak is above the budget (or, without one, as
+    long as it lies in a chain), the chain holding the peak gets one more slice, up to
+    ``max_slices`` (``MAX_SLICES`` with a budget, ``DEFAULT_SLICES`` without). Chains away from
+    the peak stay whole: slicing them would cost time and save nothing.
+    """
+    budget = config.budget_bytes()
+    cap = config.max_slices or (MAX_SLICES if budget is not None else DEFAULT_SLICES)
+    for chain in chains:
+        chain.slices = 1
+    before, at, items = _estimate(graph, chains)
+    peak = before
+    while budget is None or peak > budget:
+        key = items[at].key
+        node = key[0] if isinstance(key, tuple) else key
+        chain = next((c for c in chains if node in c.nodes), None)
+        if chain is None or chain.slices >= min(cap, chain.units):
+            break
+        chain.slices += 1
+        new_peak, new_at, new_items = _estimate(graph, chains)
+        if new_peak > peak:
+            chain.slices -= 1  # uneven slices: one more made the largest slice no smaller
+            break
+        peak, at, items = new_peak, new_at, new_items
+    if budget is None:
+        # Without a budget every chain at the peak gets the full count: the same peak, less
+        # left to the next largest activation.
+        for chain in chains:
+            if chain.slices > 1:
+                chain.slices = min(cap, chain.units)
+        peak = _estimate(graph, chains)[0]
+    return before, peak
+
+
+# ---------------------------------------------------------------------------------------------
+# rewrite
+
+
+def _bounds(units: int, slices: int) -> list[tuple[int, int]]:
+    step = math.ceil(units / slices)
+    return [(start, min(start + step, units)) for start in range(0, units, step)]
+
+
+def rewrite(graph: torch.fx.Graph, chain: Chain) -> None:
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+    members = list(chain.nodes)
+    insert_before = members[-1]
+    per_slice: dict[torch.fx.Node, list[torch.fx.Node]] = {n: [] for n in members}
+
+    def emit(target: Any, args: tuple, kwargs: dict | None = None, like: torch.fx.Node | None = None) -> torch.fx.Node:
+        with graph.inserting_before(insert_before):
+            node = graph.call_function(target, args, kwargs or {})
+        fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
+        with fake_mode:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        if like is not None:
+            for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "original_aten"):
+                if key in like.meta:
+                    node.meta[key] = like.meta[key]
+        return node
+
+    entry_cache: dict[tuple[torch.fx.Node, Slicing, int], torch.fx.Node] = {}
+
+    def entry(arg: torch.fx.Node, sliced: Slicing, k: int, start: int, stop: int) -> torch.fx.Node:
+        key = (arg, sliced, k)
+        if key not in entry_cache:
+            shape = list(_shape(arg))
+            d = sliced.dim
+            if sliced.outer == 1 and sliced.inner == 1:
+                entry_cache[key] = emit(aten.slice.Tensor, (arg, d, start, stop))
+            else:
+                factored = emit(aten.reshape.default,
+                                (arg, shape[:d] + [sliced.outer, chain.units, sliced.inner] + shape[d + 1:]))
+                part = emit(aten.slice.Tensor, (factored, d + 1, start, stop))
+                entry_cache[key] = emit(aten.reshape.default, (part, shape[:d] + [
+                    sliced.outer * (stop - start) * sliced.inner] + shape[d + 1:]))
+        return entry_cache[key]
+
+    # Each slice of an exit is stored into one preallocated buffer as soon as it is computed,
+    # the mutating form Inductor's own reinplacing gives a slice_scatter (copy_ into a slice
+    # view). A functional cat or slice_scatter chain after the loop would keep every slice's
+    # exit alive to the end: Inductor inlines it into one kernel that runs after all slices.
+    buffers = {}
+    for exit_node in chain.exits:
+        value, sliced = exit_node.meta["val"], chain.nodes[exit_node]
+        shape, d = list(_shape(exit_node)), sliced.dim
+        factored = shape[:d] + [sliced.outer, chain.units, sliced.inner] + shape[d + 1:]
+        buffers[exit_node] = emit(aten.empty.memory_format, (factored,),
+                                  {"dtype": value.dtype, "device": value.device}, like=exit_node)
+
+    for k, (start, stop) in enumerate(_bounds(chain.units, chain.slices)):
+        for node in members:
+            needs = _input_slicings(node, chain.nodes[node], chain.units)
+            occurrence = iter(zip(_occurrences(node), needs))
+
+            def replace(arg: torch.fx.Node) -> torch.fx.Node:
+                original, need = next(occurrence)
+                if original in chain.nodes:
+                    return per_slice[original][k]
+                if need is WHOLE:
+                    return original
+                return entry(original, need, k, start, stop)
+
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), replace)
+            args = _resize_args(node, args, chain.nodes[node], stop - start)
+            per_slice[node].append(emit(node.target, args, kwargs, like=node))
+        for exit_node, buffer in buffers.items():
+            sliced = chain.nodes[exit_node]
+            shape, d = list(_shape(exit_node)), sliced.dim
+            part = emit(aten.reshape.default, (per_slice[exit_node][k],
+                        shape[:d] + [sliced.outer, stop - start, sliced.inner] + shape[d + 1:]))
+            emit(aten.copy_.default, (emit(aten.slice.Tensor, (buffer, d + 1, start, stop)), part))
+
+    for exit_node, buffer in buffers.items():
+        whole = emit(aten.reshape.default, (buffer, list(_shape(exit_node))))
+        exit_node.replace_all_uses_with(whole, delete_user_cb=lambda user: user not in chain.nodes)
+
+    for node in reversed(members):
+        graph.erase_node(node)
+
+
+def _resize_args(node: torch.fx.Node, args: tuple, sliced: Slicing, length: int) -> tuple:
+    """Shape arguments (reshape's size, expand's size, as_strided's size and stride) of a slice."""
+    if node.target not in _VIEWS and node.target is not aten.expand.default:
+        return args
+    shape = list(_shape(node))
+    shape[sliced.dim] = sliced.outer * length * sliced.inner
+    if node.target is aten.as_strided.default:
+        return (args[0], shape, _contiguous_strides(shape), *args[3:])
+    return (args[0], shape, *args[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def apply(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
+    config: OpGroupingConfig = ctx.config.op_grouping
+    report = PassReport("op_grouping")
+    graph = gm.graph
+    chains = find_chains(graph, report)
+    if not chains:
+        report.status = "skipped"
+        report.skipped("graph", "no chain of ops whose intermediates dominate memory can be sliced"
+                       + (f" ({len(report.skips)} large activations examined)" if report.skips else ""))
+        return report
+    before, after = choose_slices(graph, chains, config)
+    report.metrics["estimated_peak_bytes_before"] = before
+    report.metrics["estimated_peak_bytes_after"] = after
+    budget = config.budget_bytes()
+    if budget is not None:
+        report.metrics["memory_budget_bytes"] = budget
+        if after > budget:
+            warnings.warn(
+                f"zc: op_grouping cannot bring {ctx.graph_id} under the memory budget of "
+                f"{_human(budget)}: the smallest estimated peak it reaches is {_human(after)} "
+                f"(unsliced: {_human(before)}); compiling with that.",
+                ZcWarning,
+                stacklevel=2,
+            )
+            report.metrics["budget_reached"] = False
+        else:
+            report.metrics["budget_reached"] = True
+    described = []
+    for chain in chains:
+        if chain.slices < 2:
+            report.skipped(chain.seed.name, f"{chain.describe()}: left whole, it does not hold the "
+                           "estimated peak" + (" within the budget" if budget is not None else ""))
+            continue
+        entry = {
+            "seed": chain.seed.name,
+            "ops": [n.name for n in chain.nodes],
+            "dim": chain.nodes[chain.seed].dim,
+            "units": chain.units,
+            "slices": chain.slices,
+            "exits": [n.name for n in chain.exits],
+        }
+        internal, boundary = _chain_gain(chain)
+        entry["estimated_intermediates_bytes_before"] = internal
+        entry["estimated_intermediates_bytes_after"] = internal * math.ceil(chain.units / chain.slices) // chain.units
+        described.append(entry)
+        report.rewrote(chain.seed.name, f"{chain.describe()} -> {chain.slices} slices")
+        rewrite(graph, chain)
+    report.metrics["chains"] = described
+    if not described:
+        report.status = "unchanged"
+        return report
+    stable_topological_sort(graph)
+    graph.eliminate_dead_code()
+    log.info("op_grouping %s: %d chains sliced, estimated peak %s -> %s", ctx.graph_id, len(described),
+             _human(before), _human(after))
+    return report
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"

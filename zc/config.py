@@ -114,7 +114,9 @@ class TokenSkipConfig(PassConfig):
     ``auto`` (last for causal LMs, else first). Padding tokens skip first. ``strategy``:
     ``skip`` (skipped tokens keep their state from block ``start_layer``) or ``merge`` (ToMe-
     style: each skipped token is averaged into its most similar kept token, and takes that
-    token's output at the end).
+    token's output at the end). ``withdraw_start`` / ``withdraw_end``: instead of scoring, the
+    tokens at positions ``[withdraw_start, withdraw_end)`` are withdrawn after block
+    ``start_layer`` (VTW: the image tokens of a multimodal LLM); ``keep_ratio`` is then unused.
     """
 
     start_layer: int = 1
@@ -122,6 +124,8 @@ class TokenSkipConfig(PassConfig):
     strategy: str = "skip"
     score: str = "similarity"
     anchor: str = "auto"
+    withdraw_start: int | None = None
+    withdraw_end: int | None = None
 
     shorthand: ClassVar[str | None] = "keep_ratio"
 
@@ -130,6 +134,12 @@ class TokenSkipConfig(PassConfig):
             raise ValueError(f"zc: option 'token_skip.keep_ratio' must be in (0, 1]; got {self.keep_ratio}")
         if self.start_layer < 0:
             raise ValueError(f"zc: option 'token_skip.start_layer' must be >= 0; got {self.start_layer}")
+        if (self.withdraw_start is None) != (self.withdraw_end is None):
+            raise ValueError("zc: options 'token_skip.withdraw_start' and 'token_skip.withdraw_end' go together; "
+                             f"got {self.withdraw_start} and {self.withdraw_end}")
+        if self.withdraw_start is not None and not 0 < self.withdraw_start < self.withdraw_end:
+            raise ValueError("zc: option 'token_skip.withdraw_start' must be > 0 (the first token stays) and "
+                             f"< 'withdraw_end'; got {self.withdraw_start} and {self.withdraw_end}")
         if self.strategy not in TOKEN_SKIP_STRATEGIES:
             raise ValueError(f"zc: option 'token_skip.strategy' must be one of {', '.join(TOKEN_SKIP_STRATEGIES)}; "
                              f"got {self.strategy!r}")

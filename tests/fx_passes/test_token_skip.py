@@ -21,6 +21,7 @@ from zc.fx_passes.token_skip import (
     gather_tokens,
     key_valid_from_mask,
     merge_tokens,
+    outside_span,
     scatter_tokens,
     select_tokens,
     unmerge_tokens,
@@ -51,7 +52,7 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="skip", seen=None):
+def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="skip", seen=None, span=None):
     """Eager ``model`` whose blocks after ``start_layer`` see only the kept tokens (by hand)."""
     state = {}
     handles = []
@@ -64,8 +65,10 @@ def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="
         if first:
             state["seq"] = seq
             valid = key_valid_from_mask(mask) if mask is not None else None
-            keep = math.ceil(keep_ratio * seq)
-            state.update(base=hidden, valid=valid, index=select_tokens(hidden, valid, keep, "similarity", anchor, anchor == -1))
+            keep = math.ceil(keep_ratio * seq) if keep_ratio else None
+            index = (outside_span(hidden, *span) if span else
+                     select_tokens(hidden, valid, keep, "similarity", anchor, anchor == -1))
+            state.update(base=hidden, valid=valid, index=index)
             if strategy == "merge":
                 state["assign"] = assign_to_kept(hidden, state["index"])
                 hidden = merge_tokens(hidden, state["assign"], valid, keep)
@@ -186,6 +189,21 @@ def test_llama_keeps_first_and_last_token_and_gathers_rotary_and_causal_mask():
     assert bool((index[:, 0] == 0).all()) and bool((index[:, -1] == 23).all())
 
 
+def test_vision_token_withdrawal_drops_a_span_after_block_k():
+    model = tiny_llama()
+    inputs = {"input_ids": torch.randint(0, 128, (2, 24)), "use_cache": False}
+    options = {"token_skip": {"start_layer": 1, "withdraw_start": 4, "withdraw_end": 16}, "strict": True}
+    (out,), _ = run_zc(model, inputs, options)
+    seen = []
+    handles = with_skip_hooks(model, model.model.layers, 1, None, anchor=-1, seen=seen, span=(4, 16))
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    assert seen[0].shape == (2, 12) and seen[0][0].tolist() == [0, 1, 2, 3, *range(16, 24)]
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+
+
 def test_generated_code_gathers_and_scatters_inside_the_compiled_graph():
     model = tiny_bert()
     inputs = bert_inputs()
@@ -203,7 +221,8 @@ def test_generated_code_gathers_and_scatters_inside_the_compiled_graph():
 def test_bad_options_and_graphs_without_blocks():
     for bad, match in (({"keep_ratio": 0.0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"),
                        ({"start_layer": -1}, "start_layer"), ({"score": "attention"}, "token_skip.score"),
-                       ({"strategy": "drop"}, "token_skip.strategy")):
+                       ({"strategy": "drop"}, "token_skip.strategy"), ({"withdraw_start": 3}, "go together"),
+                       ({"withdraw_start": 5, "withdraw_end": 5}, "withdraw_start")):
         with pytest.raises(ValueError, match=match):
             ZcConfig.from_options({"token_skip": bad}, environ={})
     model = tiny_bert()

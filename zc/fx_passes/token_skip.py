@@ -89,6 +89,14 @@ def select_tokens(
     return torch.sort(kept, dim=1).values
 
 
+def outside_span(hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Indices ``[B, S - (end - start)]`` of the tokens outside ``[start, end)`` (VTW: the image
+    tokens of a multimodal LLM are withdrawn after block K)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    kept = torch.cat([positions[:start], positions[end:]])
+    return kept.unsqueeze(0).expand(hidden.shape[0], -1)
+
+
 def key_valid_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """``[B, S]``: which key positions the last query row of a 4-D attention mask may attend."""
     row = mask[:, 0, -1, :]
@@ -350,10 +358,16 @@ def rewrite(
     batch, seq, _ = hidden.shape
     if any(isinstance(s, torch.SymInt) for s in hidden.shape):
         raise SkipGraph("the token count is symbolic (dynamic shapes); token_skip needs a static one")
-    keep = math.ceil(config.keep_ratio * seq)
-    report.metrics.update(tokens=seq, kept_tokens=min(keep, seq), start_layer=start)
-    if keep >= seq:
-        raise _Unchanged(f"keep_ratio {config.keep_ratio} keeps all {seq} tokens: the graph runs unchanged")
+    if config.withdraw_start is not None:
+        span = (config.withdraw_start, min(config.withdraw_end, seq))
+        keep = seq - max(0, span[1] - span[0])
+        if keep >= seq:
+            raise _Unchanged(f"the withdrawn span starts at {span[0]}, past the {seq} tokens: the graph runs unchanged")
+    else:
+        keep = math.ceil(config.keep_ratio * seq)
+        if keep >= seq:
+            raise _Unchanged(f"keep_ratio {config.keep_ratio} keeps all {seq} tokens: the graph runs unchanged")
+    report.metrics.update(tokens=seq, kept_tokens=keep, start_layer=start)
 
     outputs = [n for n in region if any(u not in members for u in n.users)]
     if len(outputs) != 1 or _tensor(outputs[0]) is None or tuple(_tensor(outputs[0]).shape) != tuple(hidden.shape):
@@ -390,8 +404,13 @@ def rewrite(
         if masks:
             key_valid = graph.call_function(key_valid_from_mask, (masks[0],))
             key_valid.meta["example_value"] = key_valid_from_mask(_tensor(masks[0]))
-        index = graph.call_function(select_tokens, (hidden_node, key_valid, keep, config.score, anchor, anchor == -1))
-        index.meta["example_value"] = select_tokens(hidden, _value(key_valid), keep, config.score, anchor, anchor == -1)
+        if config.withdraw_start is not None:
+            index = graph.call_function(outside_span, (hidden_node, *span))
+            index.meta["example_value"] = outside_span(hidden, *span)
+        else:
+            selection = (keep, config.score, anchor, anchor == -1)
+            index = graph.call_function(select_tokens, (hidden_node, key_valid, *selection))
+            index.meta["example_value"] = select_tokens(hidden, _value(key_valid), *selection)
         replacements = {}
         if config.strategy == "merge":
             assign = graph.call_function(assign_to_kept, (hidden_node, index))
@@ -437,9 +456,11 @@ def rewrite(
         user.replace_input_with(final, scattered)
     graph.lint()
     gm.recompile()
+    chosen = (f"tokens outside [{span[0]}, {span[1]}) (withdrawn span)" if config.withdraw_start is not None
+              else f"score {config.score}")
     report.rewrote(
         f"{prefix}.{start + 1}..{blocks[-1]}",
-        f"{keep} of {seq} tokens ({config.strategy}, score {config.score}, anchor {'last' if anchor == -1 else 'first'}"
+        f"{keep} of {seq} tokens ({config.strategy}, {chosen}, anchor {'last' if anchor == -1 else 'first'}"
         f"{', padding-aware' if masks else ''}) run blocks {start + 1}..{blocks[-1]}; the rest keep "
         f"their state from block {start}",
     )

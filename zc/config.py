@@ -97,11 +97,58 @@ class QuantizeConfig(PassConfig):
             raise ValueError(f"zc: option 'quantize.layer_error_budget' must be > 0; got {self.layer_error_budget}")
 
 
+TOKEN_SKIP_STRATEGIES = ("skip", "merge")
+TOKEN_SKIP_SCORES = ("similarity", "norm")
+TOKEN_SKIP_ANCHORS = ("auto", "first", "last")
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenSkipConfig(PassConfig):
-    """Fewer tokens through deep blocks (issue #6)."""
+    """Fewer tokens through the transformer blocks after block ``start_layer`` (training-free).
 
-    available: ClassVar[bool] = False
+    After block ``start_layer`` (0-based) only ``ceil(keep_ratio * tokens)`` tokens go on through
+    the later blocks; the others keep their hidden state from that block and are scattered back,
+    so output shapes do not change. ``score``: ``similarity`` ranks tokens by cosine similarity
+    to the anchor token, ``norm`` by hidden-state norm. ``anchor``: the token compared with and
+    always kept: ``first`` (CLS), ``last`` (causal LMs, which also keep the first token), or
+    ``auto`` (last for causal LMs, else first). Padding tokens skip first. ``strategy``:
+    ``skip`` (skipped tokens keep their state from block ``start_layer``) or ``merge`` (ToMe-
+    style: each skipped token is averaged into its most similar kept token, and takes that
+    token's output at the end). ``withdraw_start`` / ``withdraw_end``: instead of scoring, the
+    tokens at positions ``[withdraw_start, withdraw_end)`` are withdrawn after block
+    ``start_layer`` (VTW: the image tokens of a multimodal LLM); ``keep_ratio`` is then unused.
+    """
+
+    start_layer: int = 1
+    keep_ratio: float = 0.5
+    strategy: str = "skip"
+    score: str = "similarity"
+    anchor: str = "auto"
+    withdraw_start: int | None = None
+    withdraw_end: int | None = None
+
+    shorthand: ClassVar[str | None] = "keep_ratio"
+
+    def check(self) -> None:
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"zc: option 'token_skip.keep_ratio' must be in (0, 1]; got {self.keep_ratio}")
+        if self.start_layer < 0:
+            raise ValueError(f"zc: option 'token_skip.start_layer' must be >= 0; got {self.start_layer}")
+        if (self.withdraw_start is None) != (self.withdraw_end is None):
+            raise ValueError("zc: options 'token_skip.withdraw_start' and 'token_skip.withdraw_end' go together; "
+                             f"got {self.withdraw_start} and {self.withdraw_end}")
+        if self.withdraw_start is not None and not 0 < self.withdraw_start < self.withdraw_end:
+            raise ValueError("zc: option 'token_skip.withdraw_start' must be > 0 (the first token stays) and "
+                             f"< 'withdraw_end'; got {self.withdraw_start} and {self.withdraw_end}")
+        if self.strategy not in TOKEN_SKIP_STRATEGIES:
+            raise ValueError(f"zc: option 'token_skip.strategy' must be one of {', '.join(TOKEN_SKIP_STRATEGIES)}; "
+                             f"got {self.strategy!r}")
+        if self.score not in TOKEN_SKIP_SCORES:
+            raise ValueError(f"zc: option 'token_skip.score' must be one of {', '.join(TOKEN_SKIP_SCORES)}; "
+                             f"got {self.score!r}")
+        if self.anchor not in TOKEN_SKIP_ANCHORS:
+            raise ValueError(f"zc: option 'token_skip.anchor' must be one of {', '.join(TOKEN_SKIP_ANCHORS)}; "
+                             f"got {self.anchor!r}")
 
 
 @dataclasses.dataclass(frozen=True)

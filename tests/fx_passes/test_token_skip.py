@@ -1,0 +1,285 @@
+"""token_skip: later blocks run on the kept tokens only; outputs keep their shapes.
+
+The reference for the rewritten graph is the eager model with hooks on its blocks that do the
+same selection by hand (gather before block K+1, scatter after the last block), so a wrong
+mask gather, a wrong reshape size or a wrong scatter in the graph shows up as a mismatch.
+"""
+
+import math
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from tests.models.builders import SENTENCES, minilm_path
+from zc.config import ZcConfig
+from zc.dynamo_backend.backend import zc
+from zc.fx_passes import token_skip
+from zc.fx_passes.pass_manager import PassReport
+from zc.fx_passes.token_skip import (
+    assign_to_kept,
+    gather_tokens,
+    key_valid_from_mask,
+    merge_tokens,
+    outside_span,
+    scatter_tokens,
+    select_tokens,
+    unmerge_tokens,
+)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=200, hidden_size=48, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=96, max_position_embeddings=64)
+    return BertModel(config).eval()
+
+
+def bert_inputs(batch=2, length=20):
+    ids = torch.randint(5, 200, (batch, length))
+    ids[:, 0] = 1  # [CLS]
+    mask = torch.ones_like(ids)
+    mask[1, length - 6:] = 0  # the second sequence is padded
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="skip", seen=None, span=None):
+    """Eager ``model`` whose blocks after ``start_layer`` see only the kept tokens (by hand)."""
+    state = {}
+    handles = []
+
+    def before(module, args, kwargs, first):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        args = list(args[1:])
+        mask = kwargs.get("attention_mask", args[0] if args else None)
+        seq = state.get("seq", hidden.shape[1])
+        if first:
+            state["seq"] = seq
+            valid = key_valid_from_mask(mask) if mask is not None else None
+            keep = math.ceil(keep_ratio * seq) if keep_ratio else None
+            index = (outside_span(hidden, *span) if span else
+                     select_tokens(hidden, valid, keep, "similarity", anchor, anchor == -1))
+            state.update(base=hidden, valid=valid, index=index)
+            if strategy == "merge":
+                state["assign"] = assign_to_kept(hidden, state["index"])
+                hidden = merge_tokens(hidden, state["assign"], valid, keep)
+            else:
+                hidden = gather_tokens(hidden, state["index"], [1])
+            if seen is not None:
+                seen.append(state["index"])
+        if mask is not None:
+            mask = gather_tokens(mask, state["index"], [d for d in (2, 3) if mask.shape[d] == seq])
+            if "attention_mask" in kwargs:
+                kwargs["attention_mask"] = mask
+            else:
+                args[0] = mask
+        if "position_embeddings" in kwargs:
+            kwargs["position_embeddings"] = tuple(gather_tokens(t, state["index"], [1]) for t in kwargs["position_embeddings"])
+        return (hidden, *args), kwargs
+
+    def after(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        if strategy == "merge":
+            hidden = unmerge_tokens(state["base"], state["assign"], hidden, state["valid"])
+        else:
+            hidden = scatter_tokens(state["base"], state["index"], hidden)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    for i in range(start_layer + 1, len(layers)):
+        handles.append(layers[i].register_forward_pre_hook(
+            lambda m, a, k, first=(i == start_layer + 1): before(m, a, k, first), with_kwargs=True))
+    handles.append(layers[-1].register_forward_hook(after))
+    return handles
+
+
+def run_zc(model, inputs, options, calls=1):
+    reports = []
+
+    def backend(gm, example_inputs):
+        reports.append(gm)
+        return zc(gm, example_inputs, options=options)
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        outs = [compiled(**inputs) for _ in range(calls)]
+    return outs, len(reports)
+
+
+def test_bert_skip_matches_hand_written_reference_with_padding_and_compiles_once():
+    model = tiny_bert()
+    inputs = bert_inputs()
+    options = {"token_skip": {"start_layer": 1, "keep_ratio": 0.5}, "strict": True}
+    (out, again), graphs = run_zc(model, inputs, options, calls=2)
+    assert graphs == 1  # a second call reuses the one compiled graph
+    seen = []
+    handles = with_skip_hooks(model, model.encoder.layer, 1, 0.5, seen=seen)
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        full = model(**inputs)
+    assert out.last_hidden_state.shape == full.last_hidden_state.shape
+    assert out.pooler_output.shape == full.pooler_output.shape
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.pooler_output, expected.pooler_output, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again.last_hidden_state, out.last_hidden_state)
+    # The skip changed something (so the comparison above is not trivially full vs full)...
+    assert not torch.allclose(out.last_hidden_state, full.last_hidden_state, atol=1e-3)
+    # ...keeping [CLS] and sending the padding of the second sequence to the skipped side first.
+    index = seen[0]
+    assert index.shape == (2, 10) and bool((index[:, 0] == 0).all())
+    assert int((index[1] >= 14).sum()) == 0
+
+
+def test_merge_strategy_matches_reference():
+    model = tiny_bert()
+    inputs = bert_inputs()
+    (out,), _ = run_zc(model, inputs, {"token_skip": {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge"},
+                                        "strict": True})
+    handles = with_skip_hooks(model, model.encoder.layer, 1, 0.5, strategy="merge")
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_keep_ratio_one_and_short_sequences_run_the_original_graph():
+    model = tiny_bert()
+    inputs = bert_inputs()
+    with torch.no_grad():
+        full = model(**inputs)
+    (out,), _ = run_zc(model, inputs, {"token_skip": {"start_layer": 1, "keep_ratio": 1.0}, "strict": True})
+    (plain,), _ = run_zc(model, inputs, {"strict": True})
+    torch.testing.assert_close(out.last_hidden_state, plain.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(out.last_hidden_state, full.last_hidden_state, rtol=1e-4, atol=1e-4)
+
+    gm, example = capture(model, inputs)
+    report = PassReport("token_skip")
+    config = ZcConfig.from_options({"token_skip": {"start_layer": 1, "keep_ratio": 0.97}}, environ={}).token_skip
+    with torch.no_grad():  # ceil(0.97 * 20) = 20: every token kept
+        assert token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None) is None
+    assert report.status == "unchanged" and "keeps all 20 tokens" in report.skips[-1]["reason"]
+
+
+def test_llama_keeps_first_and_last_token_and_gathers_rotary_and_causal_mask():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 24))
+    inputs = {"input_ids": ids, "use_cache": False}
+    (out,), _ = run_zc(model, inputs, {"token_skip": {"start_layer": 1, "keep_ratio": 0.5}, "strict": True})
+    seen = []
+    handles = with_skip_hooks(model, model.model.layers, 1, 0.5, anchor=-1, seen=seen)
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    assert out.logits.shape == (2, 24, 128)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    index = seen[0]
+    assert bool((index[:, 0] == 0).all()) and bool((index[:, -1] == 23).all())
+
+
+def test_vision_token_withdrawal_drops_a_span_after_block_k():
+    model = tiny_llama()
+    inputs = {"input_ids": torch.randint(0, 128, (2, 24)), "use_cache": False}
+    options = {"token_skip": {"start_layer": 1, "withdraw_start": 4, "withdraw_end": 16}, "strict": True}
+    (out,), _ = run_zc(model, inputs, options)
+    seen = []
+    handles = with_skip_hooks(model, model.model.layers, 1, None, anchor=-1, seen=seen, span=(4, 16))
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    assert seen[0].shape == (2, 12) and seen[0][0].tolist() == [0, 1, 2, 3, *range(16, 24)]
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_generated_code_gathers_and_scatters_inside_the_compiled_graph():
+    model = tiny_bert()
+    inputs = bert_inputs()
+    compiled = torch.compile(model, backend="zc", options={"token_skip": {"start_layer": 2, "keep_ratio": 0.5},
+                                                           "strict": True})
+    with torch.no_grad():
+        _, codes = run_and_get_code(compiled, **inputs)
+    code = "\n".join(codes)
+    assert code.count("def call(") == 1  # one compiled graph, no Python loop around pieces
+    assert "topk" in code  # the selection runs inside it
+    # the gathered / scattered rows are indirect loads and stores of the fused C++ kernels
+    assert "TORCH_CHECK((0 <= tmp" in code or "indirect" in code or "static_cast<int64_t>(tmp" in code
+
+
+def test_bad_options_and_graphs_without_blocks():
+    for bad, match in (({"keep_ratio": 0.0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"),
+                       ({"start_layer": -1}, "start_layer"), ({"score": "attention"}, "token_skip.score"),
+                       ({"strategy": "drop"}, "token_skip.strategy"), ({"withdraw_start": 3}, "go together"),
+                       ({"withdraw_start": 5, "withdraw_end": 5}, "withdraw_start")):
+        with pytest.raises(ValueError, match=match):
+            ZcConfig.from_options({"token_skip": bad}, environ={})
+    model = tiny_bert()
+    compiled = torch.compile(model, backend="zc", options={"token_skip": {"start_layer": 3}})
+    with torch.no_grad(), pytest.raises(Exception, match=r"token_skip.start_layer' must be in 0..2"):
+        compiled(**bert_inputs())
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8)).eval()
+    gm, example = capture(mlp, torch.randn(2, 5, 8))
+    report = PassReport("token_skip")
+    config = ZcConfig.from_options({"token_skip": {"start_layer": 0}}, environ={}).token_skip
+    with torch.no_grad():
+        assert token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None) is None
+    assert report.status == "skipped" and "no stack of repeated blocks" in report.skips[-1]["reason"]
+
+
+def capture(model, inputs):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, example_inputs))
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        if isinstance(inputs, dict):
+            torch.compile(model, backend=backend)(**inputs)
+        else:
+            torch.compile(model, backend=backend)(inputs)
+    return graphs[0]
+
+
+@pytest.mark.slow
+def test_real_minilm_embeddings_stay_close():
+    from transformers import AutoTokenizer, BertModel
+
+    model = BertModel.from_pretrained(minilm_path()).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    text = " ".join(SENTENCES)
+    encoded = tokenizer([text, " ".join(reversed(SENTENCES))], padding="max_length", max_length=128,
+                        truncation=True, return_tensors="pt")
+    inputs = dict(encoded)
+
+    def embed(out):
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((out.last_hidden_state * mask).sum(1) / mask.sum(1), dim=-1)
+
+    with torch.no_grad():
+        full = embed(model(**inputs))
+    cosines = {}
+    for strategy in ("skip", "merge"):
+        (out,), _ = run_zc(model, inputs, {"token_skip": {"start_layer": 2, "keep_ratio": 0.7, "strategy": strategy},
+                                            "strict": True})
+        cosines[strategy] = (embed(out) * full).sum(-1)
+        torch._dynamo.reset()
+    # Measured on these two 128-token texts: skip 0.56-0.58 (skipped tokens keep their block-2
+    # state, far from the last layer's for mean pooling), merge 0.9+; see benchmarks/token_skip.py.
+    assert bool((cosines["merge"] > 0.9).all()), cosines
+    assert bool((cosines["skip"] > 0.5).all()), cosines
+    assert bool((cosines["merge"] > cosines["skip"]).all()), cosines

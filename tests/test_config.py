@@ -51,16 +51,6 @@ def test_inductor_patches_are_checked_against_inductor_config():
         ZcConfig.from_options({"inductor": {"freezin": True}})
 
 
-def test_passes_not_yet_provided_refuse_to_be_enabled():
-    missing = [name for name, entry in option_schema().items() if entry.get("type") == "pass" and not entry["available"]]
-    if not missing:
-        pytest.skip("every pass is provided")
-    with pytest.raises(ValueError, match=f"'{missing[0]}' names a pass that this version of zc does not provide"):
-        ZcConfig.from_options({missing[0]: True})
-    # Off is always fine.
-    assert not getattr(ZcConfig.from_options({missing[0]: False}), missing[0]).enabled
-
-
 def test_quantize_shorthand_and_list_fields():
     config = ZcConfig.from_options({"quantize": "int4_weight_only"}, environ={}).quantize
     assert config.enabled and config.mode == "int4_weight_only"
@@ -96,5 +86,5 @@ def test_cache_key_covers_passes_and_inductor_but_not_dump():
 def test_schema_lists_every_option():
     schema = option_schema()
     assert schema["dump"] == {"type": "str | None", "default": None}
-    assert schema["cleanup"]["type"] == "pass" and schema["cleanup"]["available"]
-    assert schema["quantize"]["available"] and schema["token_skip"]["available"]
+    assert schema["cleanup"]["type"] == "pass"
+    assert schema["token_skip"]["fields"]["keep_ratio"]["type"] == "float"

@@ -32,9 +32,6 @@ class PassConfig:
     enabled: bool = False
 
     shorthand: ClassVar[str | None] = None
-    # Set to False by a pass whose implementation has not landed: enabling it is an error,
-    # never a silent no-op.
-    available: ClassVar[bool] = True
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the option when a value is out of its range."""
@@ -379,7 +376,7 @@ def option_schema() -> dict[str, Any]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if isinstance(default, PassConfig):
-                out[f.name] = {"type": "pass", "available": default.available, "fields": describe(type(default))}
+                out[f.name] = {"type": "pass", "fields": describe(type(default))}
             else:
                 out[f.name] = {"type": _type_name(hints[f.name]), "default": default}
         return out
@@ -438,16 +435,7 @@ def _build_pass(cls: type[PassConfig], value: Any, key: str) -> PassConfig:
             f"zc: option '{key}' must be {accepted}; got {type(value).__name__} ({value!r})"
         )
     config.check()
-    if config.enabled and not cls.available:
-        raise ValueError(
-            f"zc: option '{key}' names a pass that this version of zc does not provide yet; "
-            f"available passes: {', '.join(n for n in pass_names() if _pass_available(n))}"
-        )
     return config
-
-
-def _pass_available(name: str) -> bool:
-    return type(next(f.default for f in dataclasses.fields(ZcConfig) if f.name == name)).available
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

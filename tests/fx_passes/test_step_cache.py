@@ -16,7 +16,6 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from zc.config import StepCacheConfig, ZcConfig
-from zc.dynamo_backend.backend import zc as zc_backend
 from zc.fx_passes import step_cache
 from zc.fx_passes.pass_manager import PassReport
 

@@ -1,6 +1,6 @@
 """step_cache: 50-step DDIM on the trained digit UNet and DiT, cached vs uncached, in one process.
 
-    python -m benchmarks.step_cache [--quick] [--out DIR] [--skip-dit]
+    python -m benchmarks.step_cache [--quick] [--out DIR] [--skip-unet] [--skip-dit]
 
 The denoisers are the ones ``benchmarks/train_diffusion.py`` trained on scikit-learn's digits
 (weights in ``benchmarks/weights/``). The UNet runs in a real, unmodified ``diffusers``
@@ -200,6 +200,7 @@ def plot_samples(path: Path, results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--skip-dit", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--threads", type=int, default=1,
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         unet_variants = {k: v for k, v in unet_variants.items() if k not in ("zc interval 3 depth 2", "zc interval 5 depth 3")}
         dit_variants = {k: v for k, v in dit_variants.items() if k not in ("zc interval 2", "zc threshold 0.05")}
-    results["unet"] = run_model("unet", unet_generator, unet_variants, batch, rounds)
+    if not args.skip_unet:
+        results["unet"] = run_model("unet", unet_generator, unet_variants, batch, rounds)
     if not args.skip_dit:
         results["dit"] = run_model("dit", dit_generator, dit_variants, batch, rounds)
     name = "step_cache" + ("-quick" if args.quick else "")

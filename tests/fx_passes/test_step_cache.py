@@ -16,7 +16,6 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from zc.config import StepCacheConfig, ZcConfig
-from zc.dynamo_backend.backend import zc as zc_backend
 from zc.fx_passes import step_cache
 from zc.fx_passes.pass_manager import PassReport
 
@@ -324,10 +323,11 @@ def test_trained_unet_quality_with_ddim_pipeline_inductor():
     with torch.no_grad():
         reference = images(torch.compile(unet, backend="inductor"))
         torch._dynamo.reset()
-        approximate = images(torch.compile(unet, backend="zc", options={"step_cache": 3}))
+        approximate = images(torch.compile(unet, backend="zc", options={"step_cache": {"interval": 3, "depth": 2}}))
     mse = float(((reference - approximate) ** 2).mean())
     psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item()
-    assert psnr > 30, psnr
+    # benchmarks.step_cache measures 36.5 dB on 16 images (same seed); 4 images leave noise
+    assert 33 < psnr < 80, psnr  # above 80 dB nothing was reused
 
 
 def test_structure_of_a_conditional_unet_with_guidance_batch():

@@ -5,13 +5,17 @@ step), ``deep`` (computed on some steps, reused on the others) and ``shallow_out
 step). Where to cut comes from the graph's structure, read from each op's ``nn_module_stack``
 (no registry of model classes):
 
-* **UNet skip structure** (DeepCache): the top-level submodules ("stages": ``conv_in``,
-  ``down_blocks.0``, ``mid_block`` ...) are ordered by first use; a *skip* is a feature map (a
-  tensor of rank >= 3: conditioning vectors do not count) that a stage hands to a stage two or
-  more places later. For the stage ``e`` that receives skips, the stages strictly between the
-  last stage that sends ``e`` a skip and ``e`` form a cacheable region when nothing they compute
-  is used past ``e``. Those regions nest; ``depth`` picks one (1 = the outermost, the most reuse).
-  The deep partition's output (the input of the last up block) is reused as is.
+* **UNet skip structure** (DeepCache): ops are grouped into *stages* (``ModuleList`` entries
+  inside blocks such as ``down_blocks.0.resnets.1``, else top-level submodules such as
+  ``conv_in``; ops written directly in a block's ``forward``, like an up block's skip
+  concatenation, are glue that passes on where its inputs came from), ordered by first use. A
+  *skip* is a feature map (a tensor of rank >= 3: conditioning vectors do not count) that a stage
+  hands to a stage two or more places later. For a stage ``e`` that receives skips, the stages
+  strictly between the last stage that sends ``e`` a skip and ``e`` form a cacheable region when
+  nothing they compute is used past ``e``. Those regions nest; ``depth`` picks one (1 = the
+  outermost: only ``conv_in``, the last up layer and the output layers stay shallow). If no
+  layer-level U is found, the same search runs on block-level stages (``down_blocks.0``). The
+  deep partition's outputs are reused as they are.
 * **Repeated blocks** (DiT / transformer chains): the longest run of consecutive entries of one
   ``ModuleList`` of one module type, each feeding a feature map to the next. The first ``depth``
   blocks run every step; the remaining blocks are the deep partition. When the deep partition
@@ -26,6 +30,11 @@ generations whose spacing implies fewer than ``min_steps`` steps always compute.
 the previous call's timestep are further guidance branches (classifier-free guidance run as two
 calls) and keep their own cache. Reading the timestep (and, with ``threshold``, one relative L1
 distance) is a host read: free on CPU, one small device-to-host copy per step on a GPU.
+
+``max_error`` computes the whole first generation, replays on it which steps each candidate
+threshold would have reused and the relative L1 error that would have put on the deep
+partition's outputs, and keeps the largest threshold within budget (a per-step bound on the
+cached part, not a bound on the final image).
 """
 
 from __future__ import annotations

@@ -461,9 +461,6 @@ class BlockSpec:
     device: torch.device
     block_size: int
 
-    def tensor_count(self) -> int:
-        return 8 if self.full_blocks else 4
-
     def build(self, bindings: dict) -> list[torch.Tensor]:
         scalars = [_evaluate(_size_expr(_example(n)), bindings) for n in self.size_leaves]
         b, h, q, kv = (_evaluate(s, bindings) for s in self.sizes)
@@ -546,7 +543,7 @@ class BandedAttentionExecutor(Executor):
 
 @dataclasses.dataclass
 class Attention:
-    """One scaled_dot_product_attention call of the graph."""
+    """One attention of the graph: an SDPA call, or the final matmul of matmul-softmax-matmul."""
 
     node: torch.fx.Node
     query: torch.fx.Node
@@ -568,7 +565,8 @@ class Attention:
         q, k = _example(bound["query"]), _example(bound["key"])
         if q is None or k is None or q.dim() != 4 or k.dim() != 4:
             return "query and key are not 4-D (batch, heads, sequence, head_dim)"
-        if q.shape[1] % k.shape[1] if isinstance(q.shape[1], int) and isinstance(k.shape[1], int) else False:
+        static_heads = isinstance(q.shape[1], int) and isinstance(k.shape[1], int)
+        if static_heads and q.shape[1] % k.shape[1]:
             return "query heads are not a multiple of key heads"
         return cls(node, bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                    bool(bound.get("is_causal", False)), bound.get("scale"))

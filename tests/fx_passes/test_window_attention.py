@@ -193,6 +193,27 @@ def test_window_not_shorter_than_sequence_keeps_dense_attention():
     assert report.skips and all("covers every key block" in s["reason"] for s in report.skips), report.skips
 
 
+class BidirectionalBand(torch.nn.Module):
+    """An encoder's local attention: keys within 8 positions either side, plus a padding mask."""
+
+    def forward(self, q, k, v, padding):
+        distance = torch.arange(q.shape[2])[:, None] - torch.arange(k.shape[2])[None, :]
+        mask = (abs(distance) <= 8) & padding[:, None, None, :].bool()
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_bidirectional_band_from_distances_is_exact():
+    q, k, v = (torch.randn(2, 2, 96, 8) for _ in range(3))
+    padding = torch.ones(2, 96, dtype=torch.long)
+    padding[1, 80:] = 0
+    gm, example = capture(BidirectionalBand(), {"q": q, "k": k, "v": v, "padding": padding})
+    executor, report = prepare(gm, example, {"block_size": BLOCK})
+    assert executor is not None, report.skips
+    assert_exact(gm, executor, example)
+    kv_num_blocks = next(iter(executor.block_masks.values()))[0]
+    assert int(kv_num_blocks.max()) == 3  # a 16-row block sees its own key block and one each side
+
+
 class DenseMaskAttention(torch.nn.Module):
     """Attention whose mask is an input: nothing proves it banded."""
 

@@ -94,7 +94,7 @@ _BINARY = {
 _UNARY = {
     operator.invert: operator.invert, torch.logical_not: operator.invert, "logical_not": operator.invert,
     operator.neg: operator.neg, torch.neg: operator.neg, "neg": operator.neg,
-    operator.abs: torch.abs, torch.abs: torch.abs, "abs": torch.abs,
+    operator.abs: torch.abs, abs: torch.abs, torch.abs: torch.abs, "abs": torch.abs,
 }
 # Casts that keep every value a mask's index arithmetic produces (positions fit in int32).
 _VALUE_CASTS = {"to", "bool", "long", "int", "contiguous", "clone"}

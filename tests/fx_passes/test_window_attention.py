@@ -163,6 +163,32 @@ def test_eager_matmul_softmax_matmul_attention_is_exact():
     torch.testing.assert_close(got[1, 9:], expected[1, 9:], rtol=1e-5, atol=1e-5)
 
 
+def test_gemma2_eager_attention_with_logit_softcapping_is_exact():
+    """Gemma2 (eager attention only): tanh softcapping between the scores and the mask becomes
+    flex's score_mod; its sliding layer and its full causal layer both become flex."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def gemma2(softcap):
+        config = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=WINDOW,
+                              attn_logit_softcapping=softcap, max_position_embeddings=512)
+        config._attn_implementation = "eager"
+        return Gemma2ForCausalLM(config).eval()
+
+    model, uncapped = gemma2(1.0), gemma2(None)
+    with torch.no_grad():
+        for layer in model.model.layers:  # scores large enough for the cap to matter
+            layer.self_attn.q_proj.weight.mul_(40)
+    uncapped.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 97, (1, 64))
+    with torch.no_grad():
+        assert (model(ids).logits - uncapped(ids).logits).abs().max() > 1e-4  # 10x the tolerance below
+    gm, executor, example, report = rewrite(model, {"input_ids": ids})
+    assert executor is not None and len(report.rewrites) == 2, report.skips
+    assert "tanh" in executor.compiled.zc_window_score_mod_0.code
+    assert_exact(gm, executor, example)
+
+
 def test_chunked_prefill_and_single_token_decode_with_kv_cache():
     model = mistral()
     ids = torch.randint(0, 97, (1, 80))

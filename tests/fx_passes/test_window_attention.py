@@ -163,6 +163,32 @@ def test_eager_matmul_softmax_matmul_attention_is_exact():
     torch.testing.assert_close(got[1, 9:], expected[1, 9:], rtol=1e-5, atol=1e-5)
 
 
+def test_gemma2_eager_attention_with_logit_softcapping_is_exact():
+    """Gemma2 (eager attention only): tanh softcapping between the scores and the mask becomes
+    flex's score_mod; its sliding layer and its full causal layer both become flex."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    def gemma2(softcap):
+        config = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=WINDOW,
+                              attn_logit_softcapping=softcap, max_position_embeddings=512)
+        config._attn_implementation = "eager"
+        return Gemma2ForCausalLM(config).eval()
+
+    model, uncapped = gemma2(1.0), gemma2(None)
+    with torch.no_grad():
+        for layer in model.model.layers:  # scores large enough for the cap to matter
+            layer.self_attn.q_proj.weight.mul_(40)
+    uncapped.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 97, (1, 64))
+    with torch.no_grad():
+        assert (model(ids).logits - uncapped(ids).logits).abs().max() > 1e-4  # 10x the tolerance below
+    gm, executor, example, report = rewrite(model, {"input_ids": ids})
+    assert executor is not None and len(report.rewrites) == 2, report.skips
+    assert "tanh" in executor.compiled.zc_window_score_mod_0.code
+    assert_exact(gm, executor, example)
+
+
 def test_chunked_prefill_and_single_token_decode_with_kv_cache():
     model = mistral()
     ids = torch.randint(0, 97, (1, 80))
@@ -191,6 +217,27 @@ def test_window_not_shorter_than_sequence_keeps_dense_attention():
     executor, report = prepare(gm, example, True)
     assert executor is None
     assert report.skips and all("covers every key block" in s["reason"] for s in report.skips), report.skips
+
+
+class BidirectionalBand(torch.nn.Module):
+    """An encoder's local attention: keys within 8 positions either side, plus a padding mask."""
+
+    def forward(self, q, k, v, padding):
+        distance = torch.arange(q.shape[2])[:, None] - torch.arange(k.shape[2])[None, :]
+        mask = (abs(distance) <= 8) & padding[:, None, None, :].bool()
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_bidirectional_band_from_distances_is_exact():
+    q, k, v = (torch.randn(2, 2, 96, 8) for _ in range(3))
+    padding = torch.ones(2, 96, dtype=torch.long)
+    padding[1, 80:] = 0
+    gm, example = capture(BidirectionalBand(), {"q": q, "k": k, "v": v, "padding": padding})
+    executor, report = prepare(gm, example, {"block_size": BLOCK})
+    assert executor is not None, report.skips
+    assert_exact(gm, executor, example)
+    kv_num_blocks = next(iter(executor.block_masks.values()))[0]
+    assert int(kv_num_blocks.max()) == 3  # a 16-row block sees its own key block and one each side
 
 
 class DenseMaskAttention(torch.nn.Module):
@@ -300,6 +347,6 @@ def test_block_mask_built_in_row_bands_equals_create_block_mask(monkeypatch):
         expected = [ref.kv_num_blocks, ref.kv_indices, ref.full_kv_num_blocks, ref.full_kv_indices,
                     ref.q_num_blocks, ref.q_indices, ref.full_q_num_blocks, ref.full_q_indices]
         expected = [t for t in expected if t is not None]
-        assert len(built) == len(expected) == spec.tensor_count()
+        assert len(built) == len(expected) == (8 if full_blocks else 4)
         for got, want in zip(built, expected):
             torch.testing.assert_close(got, want)

@@ -17,9 +17,10 @@ FlexAttention call Inductor compiles to its flex template (C++ on CPU, Triton on
 the structure fills entirely are marked full (no mask evaluated) only when the mask has no leaf
 terms; otherwise every computed block applies the whole mask.
 
-Attention written out as matmul -> (scale) -> + where(mask, 0, -big) -> softmax -> matmul
-(transformers' eager implementation) is read as SDPA with that boolean mask; it differs only in
-rows where every key is masked (eager averages all values, flex returns zeros).
+Attention written out as matmul -> (scale) -> (tanh / x op number: logit softcapping, flex's
+score_mod) -> + where(mask, 0, -big) -> softmax -> matmul (transformers' eager implementation)
+is read as SDPA with that boolean mask; it differs only in rows where every key is masked (eager
+averages all values, flex returns zeros).
 
 A mask whose structure admits every block at the compiled shape (window >= sequence length)
 keeps the dense SDPA call, exactly; so does a mask with no index-only term (a dense mask passed
@@ -94,7 +95,7 @@ _BINARY = {
 _UNARY = {
     operator.invert: operator.invert, torch.logical_not: operator.invert, "logical_not": operator.invert,
     operator.neg: operator.neg, torch.neg: operator.neg, "neg": operator.neg,
-    operator.abs: torch.abs, torch.abs: torch.abs, "abs": torch.abs,
+    operator.abs: torch.abs, abs: torch.abs, torch.abs: torch.abs, "abs": torch.abs,
 }
 # Casts that keep every value a mask's index arithmetic produces (positions fit in int32).
 _VALUE_CASTS = {"to", "bool", "long", "int", "contiguous", "clone"}
@@ -461,9 +462,6 @@ class BlockSpec:
     device: torch.device
     block_size: int
 
-    def tensor_count(self) -> int:
-        return 8 if self.full_blocks else 4
-
     def build(self, bindings: dict) -> list[torch.Tensor]:
         scalars = [_evaluate(_size_expr(_example(n)), bindings) for n in self.size_leaves]
         b, h, q, kv = (_evaluate(s, bindings) for s in self.sizes)
@@ -546,7 +544,7 @@ class BandedAttentionExecutor(Executor):
 
 @dataclasses.dataclass
 class Attention:
-    """One scaled_dot_product_attention call of the graph."""
+    """One attention of the graph: an SDPA call, or the final matmul of matmul-softmax-matmul."""
 
     node: torch.fx.Node
     query: torch.fx.Node
@@ -555,6 +553,8 @@ class Attention:
     mask: Any
     is_causal: bool
     scale: float | None
+    # Pointwise ops on the scaled score before the mask (Gemma2's logit softcapping): flex's score_mod.
+    score_ops: tuple[tuple[Callable, Any], ...] = ()
 
     @classmethod
     def parse(cls, node: torch.fx.Node) -> Attention | str:
@@ -568,7 +568,8 @@ class Attention:
         q, k = _example(bound["query"]), _example(bound["key"])
         if q is None or k is None or q.dim() != 4 or k.dim() != 4:
             return "query and key are not 4-D (batch, heads, sequence, head_dim)"
-        if q.shape[1] % k.shape[1] if isinstance(q.shape[1], int) and isinstance(k.shape[1], int) else False:
+        static_heads = isinstance(q.shape[1], int) and isinstance(k.shape[1], int)
+        if static_heads and q.shape[1] % k.shape[1]:
             return "query heads are not a multiple of key heads"
         return cls(node, bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                    bool(bound.get("is_causal", False)), bound.get("scale"))
@@ -605,6 +606,11 @@ class Attention:
             mask = _boolean_of_additive_mask(additive)
             if mask is None:
                 return f"additive mask {getattr(additive, 'name', additive)} is not where(allowed, 0, -big)"
+        score_ops = []
+        while not (_is_call(scores, "mul") and _is_call(scores.args[0], "matmul")) and (op := _score_op(scores)):
+            chain.append(scores)
+            score_ops.append(op)
+            scores = scores.args[0]
         scale = 1.0
         if _is_call(scores, "mul") and isinstance(scores.args[1], (int, float)):
             chain.append(scores)
@@ -617,7 +623,7 @@ class Attention:
             return "the key of matmul(query, key^T) is not a transpose of its last two dims"
         if any(len(n.users) != 1 for n in chain):
             return "the attention weights are used elsewhere (e.g. returned)"
-        return cls(node, query, key_t.args[0], value, mask, False, scale)
+        return cls(node, query, key_t.args[0], value, mask, False, scale, tuple(reversed(score_ops)))
 
     @property
     def sizes(self) -> tuple:
@@ -632,6 +638,7 @@ _CALLS = {
     "add": (operator.add, torch.add),
     "mul": (operator.mul, torch.mul),
     "transpose": (torch.transpose,),
+    "tanh": (torch.tanh,),
     "to": (),
 }
 
@@ -643,6 +650,22 @@ def _is_call(node: Any, name: str) -> bool:
     if node.op == "call_method":
         return node.target == name
     return node.op == "call_function" and node.target in _CALLS[name]
+
+
+_SCORE_OPS = {operator.truediv: operator.truediv, operator.mul: operator.mul, operator.add: operator.add,
+              operator.sub: operator.sub, torch.tanh: torch.tanh, "tanh": torch.tanh}
+
+
+def _score_op(node: Any) -> tuple[Callable, Any] | None:
+    """(op, constant) for ``tanh(x)`` or ``x <op> number``; None for anything else."""
+    if not isinstance(node, torch.fx.Node) or node.op not in ("call_function", "call_method"):
+        return None
+    op = _SCORE_OPS.get(node.target)
+    if op is torch.tanh and len(node.args) == 1:
+        return op, None
+    if op is not None and op is not torch.tanh and len(node.args) == 2 and isinstance(node.args[1], (int, float)):
+        return op, node.args[1]
+    return None
 
 
 def _boolean_of_additive_mask(additive: Any) -> torch.fx.Node | None:
@@ -906,11 +929,14 @@ def _unrepeated_kv(node: torch.fx.Node) -> torch.fx.Node:
     return source
 
 
-def _identity_score_mod() -> torch.fx.GraphModule:
+def _score_mod(ops: Sequence[tuple[Callable, Any]]) -> torch.fx.GraphModule:
+    """``score_mod(score, b, h, q_idx, kv_idx)`` applying ``ops`` in order (identity if none)."""
     graph = torch.fx.Graph()
     score = graph.placeholder("score")
     for name in ("b", "h", "q_idx", "kv_idx"):
         graph.placeholder(name)
+    for op, constant in ops:
+        score = graph.call_function(op, (score,) if constant is None else (score, constant))
     graph.output(score)
     return torch.fx.GraphModule(torch.nn.Module(), graph)
 
@@ -936,7 +962,7 @@ def _rewrite(gm: torch.fx.GraphModule, plans, specs, used_specs, fake_mode) -> l
         block_inputs[key] = nodes
         fakes.extend(spec_fakes)
 
-    gm.add_submodule("zc_window_score_mod", _identity_score_mod())
+    gm.add_submodule("zc_window_score_mod", _score_mod(()))
     for index, (attention, key, (mask_gm, leaves)) in enumerate(plans):
         sdpa = attention.node
         gm.add_submodule(f"zc_window_mask_{index}", mask_gm)
@@ -969,7 +995,11 @@ def _rewrite(gm: torch.fx.GraphModule, plans, specs, used_specs, fake_mode) -> l
             kv_len = size_node(key, 2, k_value.shape[2])
             buffers = tuple(size_node(leaf.source, leaf.dim, leaf.value) if isinstance(leaf, _SizeLeaf) else leaf
                             for leaf in leaves)
-            score_mod = graph.get_attr("zc_window_score_mod")
+            score_mod_name = "zc_window_score_mod"
+            if attention.score_ops:
+                score_mod_name = f"zc_window_score_mod_{index}"
+                gm.add_submodule(score_mod_name, _score_mod(attention.score_ops))
+            score_mod = graph.get_attr(score_mod_name)
             mask_mod = graph.get_attr(f"zc_window_mask_{index}")
             block_mask = (q_len, kv_len, kv_nb, kv_idx, full_kv_nb, full_kv_idx, q_nb, q_idx, full_q_nb, full_q_idx,
                           None, None, None, None, spec.block_size, spec.block_size, mask_mod)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +90,7 @@ def compile_variants(model, variants: dict[str, dict[str, Any] | None], first_in
             if options is None:
                 run = torch.compile(model, backend="inductor")
             else:
-                dump = Path(f"/tmp/zc-token-skip-bench/{re.sub(r'[^a-z0-9]+', '-', name)}")
+                dump = Path(tempfile.mkdtemp(prefix="zc-token-skip-bench-"))
                 run = torch.compile(model, backend="zc", options={"token_skip": options, "dump": str(dump)})
             run(**first_inputs)
             compile_s[name] = time.perf_counter() - start
@@ -152,17 +152,18 @@ def vit(quick: bool) -> dict[str, Any]:
 
     model = load_model()
     images, labels = test_set()
-    batch = 64
+    batch = 60  # 6 batches: all 360 held-out digits
     batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
     labels = labels[: len(batches) * batch]
     configs = {
-        "zc skip K=0 r=0.5": {"start_layer": 0, "keep_ratio": 0.5},
-        "zc skip K=0 r=0.35": {"start_layer": 0, "keep_ratio": 0.35},
-        "zc skip K=1 r=0.35": {"start_layer": 1, "keep_ratio": 0.35},
+        "zc skip K=1 r=0.5": {"start_layer": 1, "keep_ratio": 0.5},
+        "zc skip K=1 r=0.5 dissimilarity": {"start_layer": 1, "keep_ratio": 0.5, "score": "dissimilarity"},
+        "zc skip K=1 r=0.35 dissimilarity": {"start_layer": 1, "keep_ratio": 0.35, "score": "dissimilarity"},
+        "zc skip K=0 r=0.5 norm": {"start_layer": 0, "keep_ratio": 0.5, "score": "norm"},
         "zc merge K=0 r=0.35": {"start_layer": 0, "keep_ratio": 0.35, "strategy": "merge"},
     }
     if quick:
-        configs = {k: v for k, v in configs.items() if k in ("zc skip K=0 r=0.5", "zc skip K=1 r=0.35")}
+        configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc skip K=1 r=0.5 dissimilarity")}
     with torch.no_grad():
         variants, compile_s, reports = compile_variants(model, {"inductor fp32": None, **configs},
                                                         {"pixel_values": batches[0]})

@@ -95,7 +95,7 @@ class QuantizeConfig(PassConfig):
 
 
 TOKEN_SKIP_STRATEGIES = ("skip", "merge")
-TOKEN_SKIP_SCORES = ("similarity", "norm")
+TOKEN_SKIP_SCORES = ("similarity", "dissimilarity", "norm")
 TOKEN_SKIP_ANCHORS = ("auto", "first", "last")
 
 
@@ -106,7 +106,8 @@ class TokenSkipConfig(PassConfig):
     After block ``start_layer`` (0-based) only ``ceil(keep_ratio * tokens)`` tokens go on through
     the later blocks; the others keep their hidden state from that block and are scattered back,
     so output shapes do not change. ``score``: ``similarity`` ranks tokens by cosine similarity
-    to the anchor token, ``norm`` by hidden-state norm. ``anchor``: the token compared with and
+    to the anchor token, ``dissimilarity`` by its opposite (the tokens least like the anchor first),
+    ``norm`` by hidden-state norm. ``anchor``: the token compared with and
     always kept: ``first`` (CLS), ``last`` (causal LMs, which also keep the first token), or
     ``auto`` (last for causal LMs, else first). Padding tokens skip first. ``strategy``:
     ``skip`` (skipped tokens keep their state from block ``start_layer``) or ``merge`` (ToMe-

@@ -12,7 +12,8 @@ where ``node.meta["nn_module_stack"]`` says which module each op came from:
 3. **Select.** After block K an importance score that needs no attention weights (SDPA kernels
    stay usable) ranks the tokens: cosine similarity of each token's hidden state to an anchor
    token (the first one for encoders and ViTs, the last one for causal LMs), or the hidden
-   state's norm. Padding tokens (read from the attention mask) score lowest, so they skip
+   state's norm, or the opposite of the similarity (distinct tokens first: on the digits ViT the
+   patches least like [CLS] carry the strokes). Padding tokens (read from the attention mask) score lowest, so they skip
    first; the first token (CLS / attention sink) and, for causal LMs, the last one are always
    kept. ``k = ceil(keep_ratio * S)`` indices are kept, sorted by position, so a causal mask
    restricted to them is still causal.
@@ -75,6 +76,8 @@ def select_tokens(
     else:
         normed = F.normalize(hidden.float(), dim=-1)
         importance = (normed * normed[:, anchor : anchor + 1 if anchor >= 0 else None]).sum(-1)
+        if score == "dissimilarity":
+            importance = -importance
     # Scores are finite and bounded below by -|x| for norm, -1 for cosine: padding goes below.
     floor = -importance.abs().amax(dim=-1, keepdim=True) - 2.0
     if key_valid is not None:

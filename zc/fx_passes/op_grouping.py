@@ -291,6 +291,13 @@ def _slice(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
     return [out]
 
 
+def _split(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim % len(_shape(node)) == out.dim:
+        return None
+    return [out]
+
+
 def _unsafe_index(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
     indices = node.args[1]
     if out.dim >= len(indices) or indices[out.dim] is not None:
@@ -325,12 +332,15 @@ _RULES: dict[Any, Callable[[torch.fx.Node, Slicing, int], list[Any] | None]] = {
     aten.cat.default: _cat,
     aten.slice.Tensor: _slice,
     aten._unsafe_index.Tensor: _unsafe_index,
+    aten.split.Tensor: _split,
+    aten.split_with_sizes.default: _split,
     operator.getitem: _same_dim,
 }
 # Ops whose result aliases their input (no buffer of their own in Inductor's code).
 _ALIASES = _VIEWS | {
     aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
     aten.squeeze.default, aten.expand.default, aten.slice.Tensor, operator.getitem,
+    aten.split.Tensor, aten.split_with_sizes.default,
 }
 
 

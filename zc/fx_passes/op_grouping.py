@@ -291,6 +291,13 @@ def _slice(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
     return [out]
 
 
+def _split(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    if dim % len(_shape(node)) == out.dim:
+        return None
+    return [out]
+
+
 def _unsafe_index(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
     indices = node.args[1]
     if out.dim >= len(indices) or indices[out.dim] is not None:
@@ -325,12 +332,15 @@ _RULES: dict[Any, Callable[[torch.fx.Node, Slicing, int], list[Any] | None]] = {
     aten.cat.default: _cat,
     aten.slice.Tensor: _slice,
     aten._unsafe_index.Tensor: _unsafe_index,
+    aten.split.Tensor: _split,
+    aten.split_with_sizes.default: _split,
     operator.getitem: _same_dim,
 }
 # Ops whose result aliases their input (no buffer of their own in Inductor's code).
 _ALIASES = _VIEWS | {
     aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
     aten.squeeze.default, aten.expand.default, aten.slice.Tensor, operator.getitem,
+    aten.split.Tensor, aten.split_with_sizes.default,
 }
 
 
@@ -470,11 +480,13 @@ class _Rejected(Exception):
     pass
 
 
-def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.fx.Node, int]) -> Chain:
+def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.fx.Node, int],
+          joined: dict[torch.fx.Node, Slicing] | None = None) -> Chain:
+    """The chain grown from ``seed`` (and from the nodes of the chains in ``joined``)."""
     threshold = _bytes(seed) * LARGE_FRACTION
     region: dict[torch.fx.Node, Slicing] = {}
     needs: dict[torch.fx.Node, list[Any]] = {}
-    work = [(seed, slicing)]
+    work: list[tuple[torch.fx.Node, Slicing]] = []
 
     def add(node: torch.fx.Node, sliced: Slicing) -> None:
         if node in region:
@@ -520,6 +532,8 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
                                 pass
                         break
 
+    for node, sliced in (joined or {}).items():
+        add(node, sliced)
     add(seed, slicing)
     drain()
     # Ops on a path that leaves the chain and comes back (a norm's statistics, reshaped and
@@ -639,9 +653,15 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
             except _Rejected as why:
                 reasons.append(f"{label}: {why}")
                 continue
-            if any(n in taken for n in chain.nodes):
-                reasons.append(f"{label}: overlaps a chain already grouped")
-                continue
+            overlapping = [c for c in chains if any(n in c.nodes for n in chain.nodes)]
+            if overlapping:
+                # The same slicing reaching a chain grown from a larger seed (the lower-resolution
+                # blocks of a decoder, batch-sliced like its last block): one chain for both.
+                try:
+                    chain = _merge(seed, slicing, units, order, overlapping)
+                except _Rejected as why:
+                    reasons.append(f"{label}: overlaps a chain already grouped and cannot join it ({why})")
+                    continue
             internal, boundary = _chain_gain(chain)
             if internal <= boundary * MIN_GAIN:
                 reasons.append(f"{label}: its intermediates ({internal} B) are not larger than what "
@@ -654,9 +674,21 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
         if best is None:
             report.skipped(seed.name, f"{list(_shape(seed))}: " + "; ".join(reasons or ["no dim to slice"]))
             continue
-        chains.append(best[1])
-        taken.update(best[1].nodes)
-    return chains
+        chain = best[1]
+        chains[:] = [c for c in chains if not any(n in chain.nodes for n in c.nodes)]
+        chains.append(chain)
+        taken.update(chain.nodes)
+    return sorted(chains, key=lambda c: order[next(iter(c.nodes))])
+
+
+def _merge(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.fx.Node, int],
+           overlapping: list[Chain]) -> Chain:
+    if any(c.units != units for c in overlapping):
+        raise _Rejected("it slices other units")
+    joined = {node: sliced for c in overlapping for node, sliced in c.nodes.items()}
+    merged = _grow(seed, slicing, units, order, joined)
+    merged.seed = max(overlapping, key=lambda c: _bytes(c.seed)).seed
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def qwen2(window=WINDOW):
     return Qwen2ForCausalLM(config).eval()
 
 
-def capture(model, kwargs):
+def capture(model, kwargs, dynamic=None):
     """Dynamo's graph of ``model(**kwargs)`` and its example inputs."""
     graphs = []
 
@@ -47,7 +47,7 @@ def capture(model, kwargs):
 
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend=backend)(**kwargs)
+        torch.compile(model, backend=backend, dynamic=dynamic)(**kwargs)
     assert len(graphs) == 1, "the model should be one graph"
     return graphs[0]
 
@@ -61,9 +61,9 @@ def prepare(gm, example, options):
     return executor, report
 
 
-def rewrite(model, kwargs, **options):
+def rewrite(model, kwargs, dynamic=None, **options):
     """(original graph, executor or None, example inputs, report) with the rewritten graph run eagerly."""
-    gm, example = capture(model, kwargs)
+    gm, example = capture(model, kwargs, dynamic)
     executor, report = prepare(gm, example, {"block_size": BLOCK, **options})
     return gm, executor, example, report
 
@@ -329,6 +329,27 @@ def test_end_to_end_flex_kernel_exact_and_no_recompiles_across_lengths():
     source = "\n".join(code)
     assert "scaled_dot_product" not in source
     assert "flex_attention" in source
+
+
+def test_end_to_end_padded_batch_reads_the_padding_mask_in_the_flex_kernel():
+    """A left-padded batch through Inductor (static shapes): the C++ flex kernel reads the
+    padding mask input. With dynamic shapes the C++ template cannot read a dynamic-shape
+    buffer (torch 2.13), so the pass keeps SDPA there and says so."""
+    model = mistral()
+    attention_mask = torch.ones(2, 64, dtype=torch.long)
+    attention_mask[1, :5] = 0
+    batch = {"input_ids": torch.randint(0, 97, (2, 64)), "attention_mask": attention_mask}
+    compiled = torch.compile(model, backend="zc", options={"window_attention": {"block_size": BLOCK}, "strict": True})
+    with torch.no_grad():
+        got, code = run_and_get_code(lambda: compiled(**batch).logits)
+        torch.testing.assert_close(got, model(**batch).logits, rtol=1e-4, atol=1e-4)
+    source = "\n".join(code)
+    assert "scaled_dot_product" not in source and "flex_attention" in source
+    # Dynamic shapes: the padding mask's shape is symbolic (and Dynamo may also lift the
+    # attention scale into a graph value); either way the pass steps aside, with the reason.
+    _, executor, _, report = rewrite(model, batch, dynamic=True)
+    assert executor is None and report.skips
+    assert all("dynamic" in s["reason"] or "graph value" in s["reason"] for s in report.skips)
 
 
 def test_block_mask_built_in_row_bands_equals_create_block_mask(monkeypatch):

@@ -305,8 +305,13 @@ class MaskAnalysis:
             return None
         kinds = {torch.bool: "bool"}
         kind = lambda dt: kinds.get(dt, "int" if not dt.is_floating_point and not dt.is_complex else "float")  # noqa: E731
+        if kind(before.dtype) == "int" and kind(value.dtype) == "bool":
+            # Reading the integer tensor itself matters for a padding mask: Inductor's C++ flex
+            # template finds no kernel when a mask_mod buffer is an unmaterialised pointwise
+            # result such as this cast; a graph input (or a reduction's output) is materialised.
+            return self._pointwise(lambda a: a != 0, [source], tuple(value.shape), True)
         if kind(before.dtype) != kind(value.dtype) or kind(value.dtype) == "float":
-            return None  # a cast that changes values (bool -> int, int -> float) is not modelled
+            return None  # another cast that changes values (bool -> int, int -> float) is not modelled
         return self.elem(source)
 
     def _unsqueeze(self, source, dim: int, shape: tuple) -> Elem:
@@ -854,6 +859,15 @@ def _plan(attention, window, config, analysis, binder, specs, report):
     if extra is not None:
         attention_terms.append(extra)
     all_leaves = _merge_leaves(attention_terms)
+    device = _example(attention.query).device
+    dynamic = [n.name for n in all_leaves if isinstance(_example(n), torch.Tensor)
+               and any(isinstance(d, torch.SymInt) for d in _example(n).shape)]
+    if dynamic and device.type == "cpu":
+        # Measured with torch 2.13: the C++ flex template declares no variables for the sizes of
+        # a dynamic-shape mask_mod buffer and fails to compile ('ks2' was not declared).
+        report.skipped(attention.node.name, f"the mask reads {', '.join(dynamic)} whose shape is dynamic, which "
+                       "Inductor's C++ flex template cannot compile: dense SDPA kept (exact)")
+        return None
     structure_terms = [t for t in attention_terms if t.pure]
     structure_leaves = _merge_leaves(structure_terms)
     identity = lambda c: c  # noqa: E731
@@ -862,7 +876,6 @@ def _plan(attention, window, config, analysis, binder, specs, report):
     uses_b, uses_h = _uses(structure_gm, "b"), _uses(structure_gm, "h")
     spec_sizes = (B if uses_b else 1, H if uses_h else 1, Q, KV)
     full_blocks = len(structure_terms) == len(attention_terms)
-    device = _example(attention.query).device
     block_size = config.block_size or (CPU_BLOCK_SIZE if device.type == "cpu" else _DEFAULT_SPARSE_BLOCK_SIZE)
     spec = BlockSpec(structure_gm, list(structure_leaves), tuple(_size_expr(s) for s in spec_sizes),
                      full_blocks, spec_sizes, device, block_size)

@@ -125,6 +125,22 @@ def test_training_graphs_get_only_exact_passes(tmp_path):
     assert (graph / "01_aten_forward.py").exists()
 
 
+def test_dynamo_level_passes_step_aside_under_autograd(tmp_path):
+    model, x = _model_and_input()
+    options = {"quantize": {"min_weight_size": 1}, "token_skip": True, "dump": str(tmp_path)}
+    compiled = torch.compile(model, backend="zc", options=options)
+    with pytest.warns(ZcWarning, match="compiled as a training graph"):
+        out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x))
+    (graph,) = tmp_path.iterdir()
+    passes = {p["name"]: p for p in load_report(graph)["graph_passes"]}
+    assert set(passes) == {"quantize", "token_skip"}
+    for name, report in passes.items():
+        assert report["status"] == "skipped"
+        assert report["skips"][0]["reason"].startswith(f"autograd is on: {name} rewrites inference graphs only")
+
+
 def test_report_skeleton(tmp_path):
     model, x = _model_and_input()
     compiled = torch.compile(model, backend="zc", options={"cleanup": True, "dump": str(tmp_path)})

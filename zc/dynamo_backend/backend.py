@@ -156,10 +156,15 @@ def _dynamo_level_pass(name, example_inputs, config, compile_rest, dump, graph_p
             record()
             write_report()
 
+        graph_inputs = example_inputs if inputs is None else inputs
         try:
-            compiled = module.prepare(
-                gm, example_inputs if inputs is None else inputs, pass_config, compile_rest, report, on_rewritten
-            )
+            if _autograd_on(graph_inputs):
+                report.status = "skipped"
+                report.skipped("graph", f"autograd is on: {name} rewrites inference graphs only "
+                               "(call the model under torch.no_grad() or torch.inference_mode())")
+                compiled = None
+            else:
+                compiled = module.prepare(gm, graph_inputs, pass_config, compile_rest, report, on_rewritten)
         except ValueError:
             raise
         except Exception as error:
@@ -178,6 +183,11 @@ def _dynamo_level_pass(name, example_inputs, config, compile_rest, dump, graph_p
         return compile_rest(gm, inputs) if compiled is None else compiled
 
     return compile_graph
+
+
+def _autograd_on(inputs: Sequence[Any]) -> bool:
+    """Dynamo-level passes rewrite inference graphs only (see pass_manager.TRAINING_SAFE_PASSES)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
 
 
 def _mode_options(mode: str | None) -> dict[str, Any]:

@@ -491,13 +491,6 @@ def prepare(
     """
     from zc.runtime.calibration import Calibration, load_scales, save_scales
 
-    if torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
-    ):
-        report.status = "skipped"
-        report.skipped("graph", "autograd is on: quantize rewrites inference graphs only "
-                       "(call the model under torch.no_grad() or torch.inference_mode())")
-        return None
     groups = find_groups(gm, example_inputs, config, report)
     if not groups:
         report.status = "skipped"

@@ -558,10 +558,6 @@ def prepare(
         report.status = "unchanged"
         report.skipped("graph", "interval 1 without a threshold computes every step: nothing to cache")
         return None
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
-        report.status = "skipped"
-        report.skipped("graph", "autograd is on: step_cache applies to inference (sampling) only")
-        return None
     timestep_index = _find_timestep(gm, example_inputs)
     if timestep_index is None:
         report.status = "skipped"

@@ -773,11 +773,6 @@ def prepare(
     on_rewritten: Callable[[torch.fx.GraphModule], None],
 ) -> Callable[..., Any] | None:
     """The executor for ``gm`` with banded attention, or ``None`` when nothing is rewritten."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
-        report.status = "skipped"
-        report.skipped("graph", "autograd is on: window_attention rewrites inference graphs only "
-                       "(call the model under torch.no_grad() or torch.inference_mode())")
-        return None
     if not _attention_calls(gm):
         report.status = "skipped"
         report.skipped("graph", "no attention (scaled_dot_product_attention or matmul-softmax-matmul)")

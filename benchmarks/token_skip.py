@@ -121,6 +121,8 @@ def minilm(quick: bool) -> dict[str, Any]:
         "zc merge K=1 r=0.5": {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge"},
         "zc merge K=2 r=0.5": {"start_layer": 2, "keep_ratio": 0.5, "strategy": "merge"},
         "zc merge K=2 r=0.7": {"start_layer": 2, "keep_ratio": 0.7, "strategy": "merge"},
+        "zc merge K=2 r=0.5 dissimilarity": {"start_layer": 2, "keep_ratio": 0.5, "strategy": "merge",
+                                             "score": "dissimilarity"},
     }
     if quick:
         configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc merge K=2 r=0.5")}

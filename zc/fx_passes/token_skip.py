@@ -541,11 +541,6 @@ def prepare(
     on_rewritten: Callable[[torch.fx.GraphModule], None],
 ) -> Callable[..., Any] | None:
     """The compiled graph with token skipping, or ``None`` (graph compiles unchanged) with the reason."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
-        report.status = "skipped"
-        report.skipped("graph", "autograd is on: token_skip rewrites inference graphs only "
-                       "(call the model under torch.no_grad() or torch.inference_mode())")
-        return None
     # A copy sharing the example values (fake tensors of Dynamo's fake mode), which the rewrite
     # replaces rather than mutates; a deep copy would give them a fake mode of their own.
     graph = torch.fx.Graph()

@@ -11,6 +11,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 from torch._inductor.utils import run_and_get_code
 
+from tests.fx_passes.capture import capture_graph
 from tests.models.builders import bert_minilm
 from zc.config import ZcConfig
 from zc.fx_passes import quantize
@@ -35,22 +36,9 @@ class NormMLP(torch.nn.Module):
 SMALL = {"min_weight_size": 1024}
 
 
-def capture(model, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(*args)
-    return graphs[0]
-
-
 def quantized_graph(model, args, calibration_args, **options):
     """The quantized Dynamo graph (uncompiled) after calibrating on ``calibration_args``."""
-    gm, example = capture(model, *args)
+    gm, example = capture_graph(model, *args)
     config = ZcConfig.from_options({"quantize": {**SMALL, "calibration_steps": len(calibration_args), **options}}, environ={}).quantize
     report = PassReport("quantize")
     data = next(i for i, e in enumerate(example) if not isinstance(e, torch.nn.Parameter))
@@ -101,7 +89,7 @@ def test_quantized_graph_is_close_to_float_and_merges_into_the_norm():
     x = torch.randn(4, 16, 64)
     graph, _, report = quantized_graph(model, (x,), [torch.randn(4, 16, 64) for _ in range(3)])
     with torch.no_grad():
-        out = graph(*capture(model, x)[1])[0]
+        out = graph(*capture_graph(model, x)[1])[0]
         ref = model(x)
     assert quantize.relative_error(out, ref) < 0.02
     merged = {r["where"]: r["what"] for r in report.rewrites}
@@ -207,7 +195,7 @@ def test_bad_options_and_no_eligible_layer():
                        ({"skip": "up"}, "quantize.skip")):
         with pytest.raises(ValueError, match=match):
             ZcConfig.from_options({"quantize": bad}, environ={})
-    gm, example = capture(NormMLP().eval(), torch.randn(2, 4, 64))
+    gm, example = capture_graph(NormMLP().eval(), torch.randn(2, 4, 64))
     report = PassReport("quantize")
     config = ZcConfig.from_options({"quantize": {"min_weight_size": 10**6}}, environ={}).quantize
     with torch.no_grad():

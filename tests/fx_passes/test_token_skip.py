@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
+from tests.fx_passes.capture import capture_graph
 from tests.models.builders import SENTENCES, minilm_path
 from zc.config import ZcConfig
 from zc.dynamo_backend.backend import zc
@@ -164,7 +165,7 @@ def test_keep_ratio_one_and_short_sequences_run_the_original_graph():
     torch.testing.assert_close(out.last_hidden_state, plain.last_hidden_state, rtol=0, atol=0)
     torch.testing.assert_close(out.last_hidden_state, full.last_hidden_state, rtol=1e-4, atol=1e-4)
 
-    gm, example = capture(model, inputs)
+    gm, example = capture_graph(model, **inputs)
     report = PassReport("token_skip")
     config = ZcConfig.from_options({"token_skip": {"start_layer": 1, "keep_ratio": 0.97}}, environ={}).token_skip
     with torch.no_grad():  # ceil(0.97 * 20) = 20: every token kept
@@ -231,28 +232,12 @@ def test_bad_options_and_graphs_without_blocks():
         compiled(**bert_inputs())
 
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8)).eval()
-    gm, example = capture(mlp, torch.randn(2, 5, 8))
+    gm, example = capture_graph(mlp, torch.randn(2, 5, 8))
     report = PassReport("token_skip")
     config = ZcConfig.from_options({"token_skip": {"start_layer": 0}}, environ={}).token_skip
     with torch.no_grad():
         assert token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None) is None
     assert report.status == "skipped" and "no stack of repeated blocks" in report.skips[-1]["reason"]
-
-
-def capture(model, inputs):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        if isinstance(inputs, dict):
-            torch.compile(model, backend=backend)(**inputs)
-        else:
-            torch.compile(model, backend=backend)(inputs)
-    return graphs[0]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import torch._dynamo.utils as dynamo_utils
 from torch._inductor.utils import run_and_get_code
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from tests.fx_passes.capture import capture_graph
 from zc.config import ZcConfig
 from zc.fx_passes import window_attention
 from zc.fx_passes.pass_manager import PassReport
@@ -37,21 +38,6 @@ def qwen2(window=WINDOW):
     return Qwen2ForCausalLM(config).eval()
 
 
-def capture(model, kwargs, dynamic=None):
-    """Dynamo's graph of ``model(**kwargs)`` and its example inputs."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append((gm, example_inputs))
-        return gm
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=backend, dynamic=dynamic)(**kwargs)
-    assert len(graphs) == 1, "the model should be one graph"
-    return graphs[0]
-
-
 def prepare(gm, example, options):
     """The pass on a captured graph, its 'compiled' graph being the rewritten FX graph itself."""
     config = ZcConfig.from_options({"window_attention": options}, environ={}).window_attention
@@ -63,7 +49,7 @@ def prepare(gm, example, options):
 
 def rewrite(model, kwargs, dynamic=None, **options):
     """(original graph, executor or None, example inputs, report) with the rewritten graph run eagerly."""
-    gm, example = capture(model, kwargs, dynamic)
+    gm, example = capture_graph(model, dynamic=dynamic, **kwargs)
     executor, report = prepare(gm, example, {"block_size": BLOCK, **options})
     return gm, executor, example, report
 
@@ -213,7 +199,7 @@ def test_window_not_shorter_than_sequence_keeps_dense_attention():
     # Padding: a mask is built, but with 128-token blocks every block is needed: SDPA stays.
     attention_mask = torch.ones(2, 40, dtype=torch.long)
     attention_mask[0, :3] = 0
-    gm, example = capture(mistral(window=64), {"input_ids": ids, "attention_mask": attention_mask})
+    gm, example = capture_graph(mistral(window=64), input_ids=ids, attention_mask=attention_mask)
     executor, report = prepare(gm, example, True)
     assert executor is None
     assert report.skips and all("covers every key block" in s["reason"] for s in report.skips), report.skips
@@ -232,7 +218,7 @@ def test_bidirectional_band_from_distances_is_exact():
     q, k, v = (torch.randn(2, 2, 96, 8) for _ in range(3))
     padding = torch.ones(2, 96, dtype=torch.long)
     padding[1, 80:] = 0
-    gm, example = capture(BidirectionalBand(), {"q": q, "k": k, "v": v, "padding": padding})
+    gm, example = capture_graph(BidirectionalBand(), q=q, k=k, v=v, padding=padding)
     executor, report = prepare(gm, example, {"block_size": BLOCK})
     assert executor is not None, report.skips
     assert_exact(gm, executor, example)
@@ -250,7 +236,7 @@ class DenseMaskAttention(torch.nn.Module):
 def test_unprovable_mask_is_reported_and_left_alone():
     q = torch.randn(1, 2, 32, 8)
     mask = torch.ones(32, 32, dtype=torch.bool).tril()
-    gm, example = capture(DenseMaskAttention(), {"q": q, "k": q, "v": q, "mask": mask})
+    gm, example = capture_graph(DenseMaskAttention(), q=q, k=q, v=q, mask=mask)
     executor, report = prepare(gm, example, True)
     assert executor is None
     assert report.status == "skipped"

@@ -178,6 +178,24 @@ def timed_block(
     return times_ms
 
 
+def interleaved_ms(calls: dict[str, Callable[[], Any]], rounds: int, block_s: float = 0.3) -> dict[str, list[float]]:
+    """Per round, a block of each variant in turn; returns each variant's per-round median ms."""
+    device = select_device()
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            out[name].append(statistics.median(timed_block(call, device, block_s)))
+    return out
+
+
+def ratios_to(reference: str, per_round: dict[str, list[float]]) -> dict[str, float]:
+    """Each variant's speed-up over ``reference``: the median of its per-round ratios."""
+    return {
+        name: statistics.median(r / t for r, t in zip(per_round[reference], times))
+        for name, times in per_round.items()
+    }
+
+
 def tensor_leaves(outputs: Any) -> list[torch.Tensor]:
     return [leaf for leaf in pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)]
 

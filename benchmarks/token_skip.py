@@ -43,11 +43,13 @@ from benchmarks.harness import (  # noqa: E402
     environment,
     format_table,
     fresh_cache,
+    interleaved_ms,
+    ratios_to,
     select_device,
     write_results,
 )
 from benchmarks.models import minilm_path  # noqa: E402
-from benchmarks.quantize import interleaved_ms, mean_pooled, ratios_to  # noqa: E402
+from benchmarks.quantize import mean_pooled  # noqa: E402
 
 
 def reference_manual_token_ids(tokenizer) -> list[int]:

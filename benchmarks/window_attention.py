@@ -41,28 +41,12 @@ from benchmarks.harness import (  # noqa: E402
     fresh_cache,
     plot_ms,
     select_device,
-    timed_block,
+    interleaved_ms,
+    ratios_to,
     write_results,
 )
 
 WINDOW = 256
-
-
-def interleaved_ms(calls: dict[str, Callable[[], Any]], rounds: int, block_s: float) -> dict[str, list[float]]:
-    """Per round, a block of each variant in turn; returns each variant's per-round median ms."""
-    device = select_device()
-    out: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            out[name].append(statistics.median(timed_block(call, device, block_s)))
-    return out
-
-
-def ratios_to(reference: str, per_round: dict[str, list[float]]) -> dict[str, float]:
-    return {
-        name: statistics.median(r / t for r, t in zip(per_round[reference], times))
-        for name, times in per_round.items()
-    }
 
 
 def compiled_first_call(build: Callable[[], Callable[[], Any]]) -> tuple[Callable[[], Any], Any, float]:

@@ -149,6 +149,9 @@ class TokenSkipConfig(PassConfig):
                              f"got {self.anchor!r}")
 
 
+STEP_CACHE_FORECASTS = ("reuse", "linear")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepCacheConfig(PassConfig):
     """Reuse the deep part of a denoiser across adjacent diffusion steps.
@@ -165,6 +168,13 @@ class StepCacheConfig(PassConfig):
     computes every step (0 = always cache). ``max_error``: adaptive with a threshold calibrated
     on the first generation (computed in full): the largest threshold whose reuse would have kept
     the relative L1 error of the deep partition's outputs under ``max_error`` on that generation.
+    ``forecast``: what a reused step returns for the deep partition: ``"reuse"`` its outputs
+    from the last computed step as they are (DeepCache); ``"linear"`` extrapolated from the last
+    two computed steps, in proportion to the timestep distance (TaylorSeer's first order), one
+    fused multiply-add per tensor per reused step. ``schedule_power``: with ``interval``, place the
+    ``ceil(steps / interval)`` computed steps of a generation at ``(j / K) ** schedule_power`` of
+    the way through it (1 = every ``interval``-th step; > 1 = denser at the start, where this
+    matters most on the trained UNet); the number of steps is estimated from the timestep spacing.
     """
 
     interval: int = 3
@@ -173,6 +183,8 @@ class StepCacheConfig(PassConfig):
     max_consecutive: int | None = None
     min_steps: int = 10
     max_error: float | None = None
+    forecast: str = "reuse"
+    schedule_power: float = 1.0
 
     shorthand: ClassVar[str | None] = "interval"
 
@@ -192,6 +204,10 @@ class StepCacheConfig(PassConfig):
                              "max_error calibrates the threshold")
         if self.min_steps < 0:
             raise ValueError(f"zc: option 'step_cache.min_steps' must be >= 0; got {self.min_steps}")
+        if not self.schedule_power > 0:
+            raise ValueError(f"zc: option 'step_cache.schedule_power' must be > 0; got {self.schedule_power}")
+        if self.forecast not in STEP_CACHE_FORECASTS:
+            raise ValueError(f"zc: option 'step_cache.forecast' must be one of {STEP_CACHE_FORECASTS}; got {self.forecast!r}")
 
 
 WINDOW_ATTENTION_MODES = ("exact", "approximate")

@@ -124,6 +124,52 @@ def test_unet_structure_and_interval_schedule_match_an_eager_reference():
     assert executor.report()["partition_calls"]["submod_0"] == len(TIMESTEPS)
 
 
+class DeepForecaster(DeepFreezer):
+    """Like :class:`DeepFreezer`, but a reused step gets the linear extrapolation (in timestep)
+    of the submodule's outputs at its last two computed steps (``forecast="linear"``)."""
+
+    def __init__(self, model, name):
+        super().__init__(model, name)
+        self.timestep, self.history = None, []
+
+    def hook(self, module, args, output):
+        if not self.reuse:
+            self.history = [*self.history[-1:], (self.timestep, output)]
+            return output
+        (t_last, last) = self.history[-1]
+        if len(self.history) < 2:
+            return last
+        (t_prev, prev) = self.history[0]
+        return last + (last - prev) / (t_last - t_prev) * (self.timestep - t_last)
+
+
+def test_linear_forecast_on_a_non_uniform_schedule_matches_an_eager_reference():
+    assert step_cache.computed_steps(12, 3, 1.5) == {0, 1, 4, 7, 11}
+    assert step_cache.computed_steps(50, 5, 1.0) == {0, 5, 10, 15, 20, 24, 29, 34, 39, 44, 49}
+    with pytest.raises(ValueError, match=r"step_cache\.forecast"):
+        ZcConfig.from_options({"step_cache": {"forecast": "cubic"}})
+    with pytest.raises(ValueError, match=r"step_cache\.schedule_power"):
+        ZcConfig.from_options({"step_cache": {"schedule_power": 0}})
+    model = tiny_unet()
+    compiled, _ = cached(model, interval=3, forecast="linear", schedule_power=1.5)
+    forecaster = DeepForecaster(model, "up_blocks.1.resnets.0")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS):
+            x = x * 0.9 + 0.1 * torch.randn_like(x)
+            out = compiled(x, torch.tensor(t)).sample
+            forecaster.reuse = step not in {0, 1, 4, 7, 11}
+            forecaster.timestep = t
+            expected = forecaster.model(x, torch.tensor(t)).sample
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            if step == 2:  # a forecast (from steps 0 and 1) is not a plain reuse of step 1
+                history, forecaster.history = forecaster.history, forecaster.history[-1:]
+                assert not torch.allclose(out, forecaster.model(x, torch.tensor(t)).sample, rtol=1e-4, atol=1e-5)
+                forecaster.history = history
+    (executor,) = executors()
+    assert executor.state.counters["deep_reused"] == 7
+
+
 def test_new_generation_resets_and_repeated_or_random_timesteps_compute():
     model = tiny_unet()
     compiled, _ = cached(model, interval=2)

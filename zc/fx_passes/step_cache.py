@@ -66,6 +66,7 @@ SHALLOW_IN, DEEP, SHALLOW_OUT = "submod_0", "submod_1", "submod_2"
 MAX_BRANCHES = 4
 # With a threshold and no max_consecutive, at most this many steps in a row reuse.
 DEFAULT_MAX_CONSECUTIVE_ADAPTIVE = 4
+NO_LIMIT = 1 << 30
 # Adjacent timestep spacings further apart than this factor are not one sampler's schedule.
 IRREGULAR_SPACING = 2.0
 # Thresholds that a max_error calibration simulates (relative L1 change, 0.002 to ~2.5).
@@ -295,6 +296,10 @@ class _Branch:
     outputs: Any = None  # the deep partition's outputs (residual replacing the stream output)
     reference: torch.Tensor | None = None  # its stream input at the last computed step
     computed_step: int = -1
+    computed_timestep: float = 0.0
+    # forecast "linear": per output, its change per unit of timestep between the last two
+    # computed steps (None until two were computed, or for non-float outputs)
+    slopes: list[torch.Tensor | None] | None = None
     reused_in_a_row: int = 0
 
 
@@ -308,6 +313,15 @@ class _Generation:
     branch: int = 0
     regular: bool = True
     branches: dict[int, _Branch] = dataclasses.field(default_factory=dict)
+    plan: frozenset[int] | None = None  # non-uniform schedule: the steps that compute
+
+
+def computed_steps(total: int, interval: int, power: float) -> frozenset[int]:
+    """The steps of a ``total``-step generation that compute the deep partition under a
+    non-uniform schedule: ``ceil(total / interval)`` steps at ``round((total - 1) * (j / K) ** power)``
+    (``power`` > 1 computes more often early, at high noise), and always the last step."""
+    count = max(1, -(-total // interval))
+    return frozenset(round((total - 1) * (j / count) ** power) for j in range(count)) | {total - 1}
 
 
 def _relative_l1(actual: torch.Tensor, reference: torch.Tensor) -> float:
@@ -376,7 +390,8 @@ class StepCacheExecutor(Executor):
         self.max_consecutive = (
             config.max_consecutive if config.max_consecutive is not None
             else DEFAULT_MAX_CONSECUTIVE_ADAPTIVE if self.adaptive
-            else config.interval - 1
+            else config.interval - 1 if config.schedule_power == 1.0
+            else NO_LIMIT  # a non-uniform schedule's gaps are its own
         )
         # With max_error, the threshold comes from the first full generation (kept by reset()).
         self.threshold = config.threshold
@@ -389,7 +404,8 @@ class StepCacheExecutor(Executor):
         self._branch: _Branch | None = None
         self._may_reuse = False
         self._calibrating = False
-        self._step = 0
+        self._step, self._timestep = 0, 0.0
+        self.linear_forecast = config.forecast == "linear"
         _live_executors.add(self)
 
     def __call__(self, *args: Any) -> Any:
@@ -439,7 +455,7 @@ class StepCacheExecutor(Executor):
         if gen.branch >= MAX_BRANCHES:
             return
         self._branch = gen.branches.setdefault(gen.branch, _Branch())
-        self._step = gen.step
+        self._step, self._timestep = gen.step, t
         self._calibrating = self.calibration is not None and gen.branch == 0 and gen.regular
         if self.calibration is not None or gen.spacing is None or not gen.regular or self._branch.outputs is None:
             return
@@ -449,8 +465,14 @@ class StepCacheExecutor(Executor):
             return
         if self._branch.reused_in_a_row >= self.max_consecutive:
             return
-        if not self.adaptive and gen.step - self._branch.computed_step >= self.config.interval:
-            return
+        if not self.adaptive:
+            if self.config.schedule_power != 1.0:
+                if gen.plan is None:
+                    gen.plan = computed_steps(round(estimated_steps), self.config.interval, self.config.schedule_power)
+                if gen.step in gen.plan:
+                    return
+            elif gen.step - self._branch.computed_step >= self.config.interval:
+                return
         self._may_reuse = True
 
     def _finish_calibration(self) -> None:
@@ -473,25 +495,37 @@ class StepCacheExecutor(Executor):
         if self._may_reuse:
             branch.reused_in_a_row += 1
             self.state.counters["deep_reused"] += 1
-            if io.residual_output is None:
+            if io.residual_output is None and branch.slopes is None:
                 return branch.outputs
             outputs = list(branch.outputs) if io.outputs_tuple else [branch.outputs]
-            outputs[io.residual_output] = stream + outputs[io.residual_output]
+            if branch.slopes is not None:
+                distance = self._timestep - branch.computed_timestep
+                outputs = [out if slope is None else torch.add(out, slope, alpha=distance)
+                           for out, slope in zip(outputs, branch.slopes)]
+            if io.residual_output is not None:
+                outputs[io.residual_output] = stream + outputs[io.residual_output]
             return tuple(outputs) if io.outputs_tuple else outputs[0]
         outputs = run()
         self.state.counters["deep_computed"] += 1
         if self.calibration is not None and self._calibrating:
             self.calibration.observe(stream, outputs)
         if branch is not None:
-            branch.reused_in_a_row = 0
-            branch.computed_step = self._step
-            branch.reference = stream
-            if io.residual_output is None:
-                branch.outputs = outputs
-            else:
-                cached = list(outputs) if io.outputs_tuple else [outputs]
+            cached = list(outputs) if io.outputs_tuple else [outputs]
+            if io.residual_output is not None:
                 cached[io.residual_output] = cached[io.residual_output] - stream
-                branch.outputs = tuple(cached) if io.outputs_tuple else cached[0]
+            previous = branch.outputs
+            if self.linear_forecast and previous is not None and self._timestep != branch.computed_timestep:
+                previous = list(previous) if io.outputs_tuple else [previous]
+                distance = self._timestep - branch.computed_timestep
+                branch.slopes = [
+                    (new - old) / distance
+                    if isinstance(new, torch.Tensor) and new.is_floating_point() and new.dim() >= 3 else None
+                    for new, old in zip(cached, previous)
+                ]
+            branch.reused_in_a_row = 0
+            branch.computed_step, branch.computed_timestep = self._step, self._timestep
+            branch.reference = stream
+            branch.outputs = tuple(cached) if io.outputs_tuple else cached[0]
         return outputs
 
 

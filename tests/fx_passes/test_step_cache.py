@@ -105,12 +105,12 @@ def test_unet_structure_and_interval_schedule_match_an_eager_reference():
     expected_reuse = []
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):
-            x = x * 0.9 + 0.1 * torch.randn_like(x)
             out = compiled(x, torch.tensor(t)).sample
             # first step computes, then every 3rd; the last (t=0 < the spacing) computes
             freezer.reuse = step % 3 != 0 and step != len(TIMESTEPS) - 1
             expected_reuse.append(freezer.reuse)
             torch.testing.assert_close(out, freezer.model(x, torch.tensor(t)).sample, rtol=1e-4, atol=1e-5)
+            x = x * 0.9 - 0.1 * out  # a deterministic sampler step (sampler_check passes)
     (report,) = reports
     assert report.metrics["structure"] == "unet-skip"
     # DeepCache's outermost branch: only conv_in, the last up layer and the output layers stay
@@ -156,7 +156,6 @@ def test_linear_forecast_on_a_non_uniform_schedule_matches_an_eager_reference():
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):
-            x = x * 0.9 + 0.1 * torch.randn_like(x)
             out = compiled(x, torch.tensor(t)).sample
             forecaster.reuse = step not in {0, 1, 4, 7, 11}
             forecaster.timestep = t
@@ -166,6 +165,7 @@ def test_linear_forecast_on_a_non_uniform_schedule_matches_an_eager_reference():
                 history, forecaster.history = forecaster.history, forecaster.history[-1:]
                 assert not torch.allclose(out, forecaster.model(x, torch.tensor(t)).sample, rtol=1e-4, atol=1e-5)
                 forecaster.history = history
+            x = x * 0.9 - 0.1 * out
     (executor,) = executors()
     assert executor.state.counters["deep_reused"] == 7
 
@@ -248,13 +248,13 @@ def test_dit_blocks_cache_their_residual_adaptively():
     x, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):
-            x = x * 0.98 + 0.02 * torch.randn_like(x)
             reused_before = executors()[0].state.counters["deep_reused"] if step else 0
             out = compiled(x, timestep=torch.full((2,), t), class_labels=labels).sample
             (executor,) = executors()
             reuse[0] = executor.state.counters["deep_reused"] > reused_before
             expected = reference(x, timestep=torch.full((2,), t), class_labels=labels).sample
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+            x = x * 0.98 - 0.02 * out
     (report,) = reports
     assert report.metrics["structure"] == "repeated-blocks"
     assert report.metrics["deep_stages"] == ["transformer_blocks.1", "transformer_blocks.2"]
@@ -396,35 +396,99 @@ def test_structure_of_a_conditional_unet_with_guidance_batch():
     assert out.shape == kwargs["sample"].shape
 
 
-def test_max_error_calibrates_a_threshold_on_the_first_generation():
+def ddim_generation(denoiser, seed, steps=12, scheduler=None, **step_kwargs):
+    """A plain diffusers sampling loop over ``denoiser`` (DDIM, 12 steps, by default); returns the
+    final latents and the latents that entered the last step."""
+    from diffusers import DDIMScheduler
+
+    # no clip_sample: random weights predict clean samples far outside [-1, 1], and clipping them
+    # makes the step nonlinear (the sampler check would, rightly, not accept it)
+    scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, 8, 8, generator=generator)
+    for t in scheduler.timesteps:
+        last_input = x
+        x = scheduler.step(denoiser(x, t).sample, t, x, generator=generator, **step_kwargs).prev_sample
+    return x, last_input
+
+
+def test_max_error_bounds_the_latents_of_the_calibration_generation():
     with pytest.raises(ValueError, match="step_cache.max_error"):
         ZcConfig.from_options({"step_cache": {"max_error": 0}})
     with pytest.raises(ValueError, match="exclude each other"):
         ZcConfig.from_options({"step_cache": {"max_error": 0.1, "threshold": 0.1}})
-    model = tiny_dit()
-    x, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
-
-    def generation(compiled):
-        y = x.clone()
-        for t in TIMESTEPS:
-            y = y * 0.98 + 0.02 * compiled(y, timestep=torch.full((2,), t), class_labels=labels).sample
-        return y
-
-    results = {}
+    model = tiny_unet()
     with torch.no_grad():
-        for budget in (0.02, 0.5):
+        exact, exact_last_input = ddim_generation(model, seed=0)
+        chosen = {}
+        for budget in (0.002, 0.2):
             torch._dynamo.reset()
-            compiled, _ = cached(model, max_error=budget)
-            first = generation(compiled)
+            compiled, reports = cached(model, max_error=budget, forecast="linear")
+            first, _ = ddim_generation(compiled, seed=0)
             (executor,) = executors()
-            assert executor.state.counters["deep_reused"] == 0  # the calibration generation computes every step
-            second = generation(compiled)
+            # the calibration generation computes every step: exact
+            assert "deep_reused" not in executor.state.counters
+            torch.testing.assert_close(first, exact, rtol=1e-4, atol=1e-5)
+            second, last_input = ddim_generation(compiled, seed=0)
             report = executor.report()
-            assert report["calibrated_on_steps"] == len(TIMESTEPS)
-            assert report["calibrated_worst_error"] <= budget
-            results[budget] = (report["threshold"], report["counters"].get("deep_reused", 0),
-                               (second - first).abs().max().item())
+            assert report["calibration_failed"] is None and report["calibrated_on_steps"] == 12
+            errors, interval = report["calibrated_errors"], report["interval"]
+            chosen[budget] = interval, report["counters"].get("deep_reused", 0)
+            if interval > 1:
+                # the replay predicted what the cached run then did, on the same seed
+                actual = float((last_input - exact_last_input).norm() / exact_last_input.norm())
+                assert actual <= budget and actual == pytest.approx(errors[interval], rel=1e-3, abs=1e-6)
+            assert all(errors[i] <= budget for i in errors if i <= interval)
+            assert interval == max(errors) or errors[interval + 1] > budget
             del executor
-    # a larger budget allows a larger threshold and at least as much reuse
-    assert results[0.5][0] > results[0.02][0]
-    assert results[0.5][1] >= results[0.02][1] and results[0.5][1] > 0
+    # a larger budget allows a larger interval and more reuse; the small one none here
+    assert chosen[0.2][0] > chosen[0.002][0] and chosen[0.2][1] > chosen[0.002][1]
+
+
+def test_stochastic_samplers_compute_every_step_unless_told():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    model = tiny_unet()
+    with torch.no_grad():
+        for scheduler, kwargs, sampler_check, reuses in [
+            (DDPMScheduler(num_train_timesteps=1000, clip_sample=False), {}, True, False),
+            (DDIMScheduler(num_train_timesteps=1000, clip_sample=False), {"eta": 1.0}, True, False),
+            (DDIMScheduler(num_train_timesteps=1000, clip_sample=False), {"eta": 0.0}, True, True),
+            (DDPMScheduler(num_train_timesteps=1000, clip_sample=False), {}, False, True),
+        ]:
+            torch._dynamo.reset()
+            compiled, _ = cached(model, interval=2, sampler_check=sampler_check)
+            ddim_generation(compiled, seed=0, scheduler=scheduler, **kwargs)
+            (executor,) = executors()
+            counters = executor.state.counters
+            assert (counters["deep_reused"] > 0) == reuses, (scheduler, kwargs)
+            assert counters["stochastic_generations"] == (0 if reuses else 1)
+            del executor, counters
+        # max_error cannot replay a stochastic sampler: the calibration says so and nothing is reused
+        torch._dynamo.reset()
+        compiled, _ = cached(model, max_error=0.5)
+        for _ in range(2):
+            ddim_generation(compiled, seed=0, scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False))
+        (executor,) = executors()
+        assert "not a deterministic" in executor.report()["calibration_failed"]
+        assert executor.state.counters["deep_reused"] == 0
+
+
+def test_sampler_check_accepts_guidance_batched_in_one_call():
+    from diffusers import DDIMScheduler
+
+    model = tiny_dit()
+    compiled, _ = cached(model, interval=2)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler.set_timesteps(12)
+    x = torch.randn(1, 1, 8, 8)
+    labels = torch.tensor([3, 7])  # "unconditional" and conditional halves
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = compiled(torch.cat([x, x]), timestep=t.expand(2), class_labels=labels).sample
+            guided = out[:1] + 4.0 * (out[1:] - out[:1])
+            x = scheduler.step(guided, t, x).prev_sample
+    (executor,) = executors()
+    assert executor.state.counters["stochastic_generations"] == 0
+    assert executor.state.counters["deep_reused"] > 0

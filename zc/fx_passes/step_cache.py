@@ -39,6 +39,7 @@ cached part, not a bound on the final image).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -69,8 +70,12 @@ DEFAULT_MAX_CONSECUTIVE_ADAPTIVE = 4
 NO_LIMIT = 1 << 30
 # Adjacent timestep spacings further apart than this factor are not one sampler's schedule.
 IRREGULAR_SPACING = 2.0
-# Thresholds that a max_error calibration simulates (relative L1 change, 0.002 to ~2.5).
-CALIBRATION_THRESHOLDS = tuple(0.002 * 1.3 ** i for i in range(28))
+# Intervals a max_error calibration replays.
+MAX_ERROR_INTERVALS = (2, 3, 4, 5, 6, 7, 8)
+# A sampler step whose next latent a linear fit of the last latents and model outputs misses by
+# more than this (relative L2) injects noise: far above fp rounding (~1e-6, or ~1e-3 in fp16),
+# far below DDPM's or ancestral samplers' noise (~0.1 to 0.5 of the latent at the first step).
+SAMPLER_FIT_TOLERANCE = 1e-2
 
 _PATH_TOKEN = re.compile(r"\['([^']+)'\]|\.([A-Za-z0-9_]+)|\[(\d+)\]")
 _NOT_MODULE_NAMES = {"self", "__dict__", "_modules", "_parameters", "_buffers"}
@@ -313,7 +318,9 @@ class _Generation:
     branch: int = 0
     regular: bool = True
     branches: dict[int, _Branch] = dataclasses.field(default_factory=dict)
-    plan: frozenset[int] | None = None  # non-uniform schedule: the steps that compute
+    plans: dict[int, frozenset[int]] = dataclasses.field(default_factory=dict)  # per interval: computed steps
+    calibrating: bool = False  # max_error: this generation computes every step and replays candidates
+    first_step: list[torch.Tensor] = dataclasses.field(default_factory=list)  # sampler check: latent, outputs
 
 
 def computed_steps(total: int, interval: int, power: float) -> frozenset[int]:
@@ -328,47 +335,91 @@ def _relative_l1(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return float((actual - reference).abs().mean() / reference.abs().mean().clamp_min(1e-12))
 
 
-class _Calibration:
-    """For ``max_error``: a generation computed at every step replays, for each candidate
-    threshold, which steps it would have reused and the relative L1 error that reuse would have
-    put on the deep partition's outputs; the largest threshold within budget wins."""
+def _relative_l2(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((actual.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-30))
 
-    def __init__(self, residual_output: int | None, outputs_tuple: bool, max_consecutive: int):
-        self.residual_output = residual_output
-        self.outputs_tuple = outputs_tuple
-        self.max_consecutive = max_consecutive
-        self.reference: dict[float, tuple[torch.Tensor, list[torch.Tensor]] | None] = dict.fromkeys(CALIBRATION_THRESHOLDS)
-        self.reused = dict.fromkeys(CALIBRATION_THRESHOLDS, 0)
-        self.worst = dict.fromkeys(CALIBRATION_THRESHOLDS, 0.0)
+
+def _batched_guidance(latent: torch.Tensor) -> bool:
+    """Whether the two halves of the batch are the same latents (guidance batched in one call)."""
+    half = latent.shape[0] // 2
+    return latent.shape[0] % 2 == 0 and half > 0 and torch.equal(latent[:half], latent[half:])
+
+
+def _step_regressors(latent: torch.Tensor, outputs: Sequence[torch.Tensor], batched_guidance: bool) -> list[torch.Tensor]:
+    """What a deterministic first- or second-order sampler's next latent is a linear function of,
+    from one step: its latent and the model's outputs (one per guidance branch). Guidance batched
+    in one call mixes the outputs' halves, so their mean and half-difference, repeated over both
+    halves, are regressors too."""
+    regressors = [latent, *outputs]
+    half = latent.shape[0] // 2
+    if batched_guidance:
+        for out in outputs:
+            mean, difference = (out[:half] + out[half:]) / 2, (out[half:] - out[:half]) / 2
+            regressors += [torch.cat([mean, mean]), torch.cat([difference, difference])]
+    return regressors
+
+
+def fit_sampler_step(target: torch.Tensor, regressors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """Least-squares coefficients of ``target`` (the next latent) over ``regressors``, and the
+    relative L2 residual: ~1e-6 for a deterministic sampler (DDIM eta=0, DPM-Solver, Euler),
+    the size of the injected noise for a stochastic one (DDPM, DDIM eta>0, ancestral)."""
+    columns = torch.stack([r.reshape(-1).double() for r in regressors], 1)
+    wanted = target.reshape(-1).double()
+    coefficients = torch.linalg.pinv(columns.T @ columns) @ (columns.T @ wanted)
+    residual = wanted - columns @ coefficients
+    return coefficients, float(residual.norm() / wanted.norm().clamp_min(1e-30))
+
+
+def _propagate(latent: torch.Tensor, coefficients: torch.Tensor, replayed: Sequence[torch.Tensor],
+               computed: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A replayed run's next latent: the computed run's, moved by the fitted step applied to the
+    difference of their regressors (so a replay that differs in nothing equals it exactly)."""
+    moved = latent.double()
+    for c, mine, theirs in zip(coefficients.tolist(), replayed, computed):
+        moved = moved + c * (mine.double() - theirs.double())
+    return moved.to(latent.dtype)
+
+
+@dataclasses.dataclass
+class _Shadow:
+    """One candidate interval replayed alongside the calibration generation."""
+
+    interval: int
+    branch: _Branch
+    latent: torch.Tensor
+    history: list[tuple[torch.Tensor, list[torch.Tensor]]]  # (latent, [output]) of the last steps
+    error: float = 0.0  # relative L2 error of its latent vs the computed run's, at the last step
+
+
+class _ShadowCalibration:
+    """For ``max_error``: the first generation computes every step (its results are exact) and,
+    alongside, replays the generation under each candidate interval (with the configured
+    forecast and schedule). The sampler is not visible to the model, so each step of it is
+    fitted as a linear function of the last two steps' latents and outputs (exact for
+    deterministic first- and second-order samplers), and each candidate's own latents are
+    advanced with that fit and run through the cached model. The chosen interval is the largest
+    whose latent at the last step (what the sampler turns into the image) stays within
+    ``max_error`` (relative L2) of the computed one, it and every smaller candidate."""
+
+    def __init__(self, candidates: Sequence[int]):
+        self.candidates = list(candidates)
+        self.batched_guidance = False
+        self.shadows: list[_Shadow] = []
+        self.history: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
         self.steps = 0
+        self.failed: str | None = None
+        self.worst_fit = 0.0
 
-    def observe(self, stream: torch.Tensor, outputs: Any) -> None:
-        outputs = list(outputs) if self.outputs_tuple else [outputs]
-        changes: dict[int, float] = {}
-        for threshold, reference in self.reference.items():
-            if reference is not None and self.reused[threshold] < self.max_consecutive:
-                ref_stream, ref_outputs = reference
-                if id(ref_stream) not in changes:
-                    changes[id(ref_stream)] = _relative_l1(stream, ref_stream)
-                if changes[id(ref_stream)] < threshold:
-                    predicted = list(ref_outputs)
-                    if self.residual_output is not None:
-                        predicted[self.residual_output] = stream + (ref_outputs[self.residual_output] - ref_stream)
-                    error = max(_relative_l1(p, a) for p, a in zip(predicted, outputs) if isinstance(a, torch.Tensor))
-                    self.worst[threshold] = max(self.worst[threshold], error)
-                    self.reused[threshold] += 1
-                    continue
-            self.reference[threshold] = (stream, outputs)
-            self.reused[threshold] = 0
-        self.steps += 1
+    def regressors(self, history: Sequence[tuple[torch.Tensor, list[torch.Tensor]]]) -> list[torch.Tensor]:
+        return [r for latent, outputs in history for r in _step_regressors(latent, outputs, self.batched_guidance)]
 
-    def choose(self, max_error: float) -> tuple[float, float]:
-        """(threshold, its worst simulated error); threshold 0 (never reuse) if none fits."""
-        fitting = [t for t in CALIBRATION_THRESHOLDS if self.worst[t] <= max_error]
-        # the largest threshold below the first one over budget: errors need not be monotonic
-        over = [t for t in CALIBRATION_THRESHOLDS if self.worst[t] > max_error]
-        fitting = [t for t in fitting if not over or t < over[0]]
-        return (fitting[-1], self.worst[fitting[-1]]) if fitting else (0.0, 0.0)
+    def choose(self, max_error: float) -> int:
+        chosen = 1
+        for shadow in sorted(self.shadows, key=lambda s: s.interval):
+            if shadow.error > max_error:
+                break
+            chosen = shadow.interval
+        return chosen
 
 
 class StepCacheExecutor(Executor):
@@ -376,42 +427,55 @@ class StepCacheExecutor(Executor):
 
     State is per model (the address of its first weight, since Dynamo may serve two instances of
     one class with one graph) and per guidance branch, in ``self.state`` (reset with
-    :meth:`reset`); counters: ``calls``, ``deep_computed``, ``deep_reused``, ``generations``.
+    :meth:`reset`); counters: ``calls``, ``deep_computed``, ``deep_reused``, ``generations``,
+    ``stochastic_generations``.
     """
 
-    def __init__(self, config: StepCacheConfig, timestep_index: int, data_indices: list[int], io: DeepIO):
+    def __init__(self, config: StepCacheConfig, timestep_index: int, data_indices: list[int], io: DeepIO,
+                 latent_input: int | None = None, noise_output: int | None = None):
         super().__init__()
         self.config = config
         self.timestep_index = timestep_index
         self.data_indices = data_indices
         self.io = io
+        # the sampler's latent among the inputs, and the output shaped like it (None: unknown)
+        self.latent_input, self.noise_output = latent_input, noise_output
         self.partitioned = None  # set by prepare (the policy needs this object first)
-        self.adaptive = config.threshold is not None or config.max_error is not None
-        self.max_consecutive = (
-            config.max_consecutive if config.max_consecutive is not None
-            else DEFAULT_MAX_CONSECUTIVE_ADAPTIVE if self.adaptive
-            else config.interval - 1 if config.schedule_power == 1.0
-            else NO_LIMIT  # a non-uniform schedule's gaps are its own
-        )
-        # With max_error, the threshold comes from the first full generation (kept by reset()).
+        self.adaptive = config.threshold is not None
         self.threshold = config.threshold
-        self.calibration = (
-            _Calibration(io.residual_output, io.outputs_tuple, self.max_consecutive)
-            if config.max_error is not None else None
-        )
-        self.calibrated: dict[str, float] = {}
+        # With max_error, the interval comes from the first full generation (kept by reset()).
+        self.interval = config.interval
+        self.calibration = _ShadowCalibration(MAX_ERROR_INTERVALS) if config.max_error is not None else None
+        self.calibrated: dict[str, Any] = {}
+        self.linear_forecast = config.forecast == "linear"
         self._weight_index: int | None = None
         self._branch: _Branch | None = None
         self._may_reuse = False
-        self._calibrating = False
+        self._shadowing = False
         self._step, self._timestep = 0, 0.0
-        self.linear_forecast = config.forecast == "linear"
         _live_executors.add(self)
+
+    @property
+    def max_consecutive(self) -> int:
+        return self._max_consecutive(self.interval)
+
+    def _max_consecutive(self, interval: int) -> int:
+        if self.config.max_consecutive is not None:
+            return self.config.max_consecutive
+        if self.adaptive:
+            return DEFAULT_MAX_CONSECUTIVE_ADAPTIVE
+        return interval - 1 if self.config.schedule_power == 1.0 else NO_LIMIT  # a schedule's gaps are its own
 
     def __call__(self, *args: Any) -> Any:
         self.state.counters["calls"] += 1
-        self._begin(args)
-        return self.partitioned(*args)
+        gen = self._begin(args)
+        outputs = self.partitioned(*args)
+        if gen is not None and self._branch is not None and self.noise_output is not None:
+            if self.calibration is not None and gen.calibrating:
+                self._calibrate(gen, args, outputs)
+            elif gen.step == 0 and self.config.sampler_check:
+                gen.first_step.append(outputs[self.noise_output])
+        return outputs
 
     def reset(self) -> None:
         super().reset()
@@ -419,10 +483,11 @@ class StepCacheExecutor(Executor):
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "partition_calls": dict(self.partitioned.state.counters),
-                "max_consecutive": self.max_consecutive, "threshold": self.threshold, **self.calibrated}
+                "interval": self.interval, "max_consecutive": self.max_consecutive, "threshold": self.threshold,
+                **self.calibrated}
 
     # The decision of one call, before any partition runs.
-    def _begin(self, args: Sequence[Any]) -> None:
+    def _begin(self, args: Sequence[Any]) -> _Generation | None:
         if self._weight_index is None:
             self._weight_index = next((i for i, a in enumerate(args) if is_weight_input(a)), -1)
         model = args[self._weight_index].data_ptr() if self._weight_index >= 0 else 0
@@ -431,16 +496,14 @@ class StepCacheExecutor(Executor):
         self._branch, self._may_reuse = None, False
         flat = timesteps.reshape(-1)
         if flat.numel() == 0 or (flat.numel() > 1 and not bool((flat == flat[0]).all())):
-            return  # one timestep per sample differing: not a sampling loop
+            return None  # one timestep per sample differing: not a sampling loop
         t = float(flat[0])
         gen: _Generation | None = self.state.get(model)
         if gen is None or gen.shapes != shapes or t > gen.timestep:
-            if self.calibration is not None:
-                if self.calibration.steps >= max(self.config.min_steps, 2):
-                    self._finish_calibration()
-                else:  # too short to calibrate on: start over with the next generation
-                    self.calibration = _Calibration(self.io.residual_output, self.io.outputs_tuple, self.max_consecutive)
+            if self.calibration is not None and self.calibration.steps:
+                self._finish_calibration()
             gen = self.state[model] = _Generation(shapes, t, t)
+            gen.calibrating = self.calibration is not None and self.noise_output is not None
             self.state.counters["generations"] += 1
         elif t == gen.timestep:
             gen.branch += 1
@@ -452,49 +515,128 @@ class StepCacheExecutor(Executor):
                 gen.regular = False  # once irregular, this generation computes every step
             gen.spacing, gen.timestep, gen.branch = spacing, t, 0
             gen.step += 1
+            if gen.step == 1 and len(gen.first_step) > 1:
+                self._check_sampler(gen, args[self.latent_input])
         if gen.branch >= MAX_BRANCHES:
-            return
+            return None
+        if (gen.step == 0 and gen.branch == 0 and not gen.calibrating and self.latent_input is not None
+                and self.config.sampler_check):
+            gen.first_step = [args[self.latent_input]]
         self._branch = gen.branches.setdefault(gen.branch, _Branch())
         self._step, self._timestep = gen.step, t
-        self._calibrating = self.calibration is not None and gen.branch == 0 and gen.regular
-        if self.calibration is not None or gen.spacing is None or not gen.regular or self._branch.outputs is None:
-            return
+        if gen.calibrating:
+            return gen  # the calibration generation computes every step
+        self._may_reuse = self._reuse_allowed(gen, self._branch, self.interval)
+        return gen
+
+    def _reuse_allowed(self, gen: _Generation, branch: _Branch, interval: int) -> bool:
+        """Whether this step may reuse the deep partition (adaptive mode: before its threshold test)."""
+        if gen.spacing is None or not gen.regular or branch.outputs is None or interval <= 1 and not self.adaptive:
+            return False
         estimated_steps = gen.first_timestep / gen.spacing + 1
-        last_step = t < gen.spacing  # the next timestep would be below 0
+        last_step = gen.timestep < gen.spacing  # the next timestep would be below 0
         if estimated_steps < self.config.min_steps or last_step:
+            return False
+        if branch.reused_in_a_row >= self._max_consecutive(interval):
+            return False
+        if self.adaptive:
+            return True
+        if self.config.schedule_power != 1.0:
+            if interval not in gen.plans:
+                gen.plans[interval] = computed_steps(round(estimated_steps), interval, self.config.schedule_power)
+            return gen.step not in gen.plans[interval]
+        return gen.step - branch.computed_step < interval
+
+    def _check_sampler(self, gen: _Generation, latent: torch.Tensor) -> None:
+        """At the second step: was the first a deterministic linear step? If not, the sampler
+        injects noise (or is not one we know) and this generation computes every step."""
+        first_latent = gen.first_step[0]
+        _, residual = fit_sampler_step(
+            latent, _step_regressors(first_latent, gen.first_step[1:], _batched_guidance(first_latent)))
+        gen.first_step = []
+        if residual > SAMPLER_FIT_TOLERANCE:
+            gen.regular = False
+            self.state.counters["stochastic_generations"] += 1
+            if self.state.counters["stochastic_generations"] == 1:
+                log.warning("zc step_cache: the sampler's first step is not a deterministic function of the "
+                            "model's input and output (relative residual %.3g; noise injected, as by DDPM or "
+                            "DDIM with eta > 0?): computing every step of such generations "
+                            "(step_cache.sampler_check=False caches anyway)", residual)
+
+    def _calibrate(self, gen: _Generation, args: Sequence[Any], outputs: Sequence[Any]) -> None:
+        calibration = self.calibration
+        if calibration.failed is not None:
             return
-        if self._branch.reused_in_a_row >= self.max_consecutive:
+        if gen.branch > 0 or not gen.regular:
+            calibration.failed = ("guidance called as separate model calls" if gen.branch > 0
+                                  else "irregular timesteps")
             return
-        if not self.adaptive:
-            if self.config.schedule_power != 1.0:
-                if gen.plan is None:
-                    gen.plan = computed_steps(round(estimated_steps), self.config.interval, self.config.schedule_power)
-                if gen.step in gen.plan:
-                    return
-            elif gen.step - self._branch.computed_step >= self.config.interval:
-                return
-        self._may_reuse = True
+        latent, noise = args[self.latent_input], outputs[self.noise_output]
+        if gen.step == 0:
+            calibration.batched_guidance = _batched_guidance(latent)
+            calibration.history = [(latent, [noise])]
+            calibration.shadows = [
+                _Shadow(interval, dataclasses.replace(self._branch), latent, [(latent, [noise])])
+                for interval in calibration.candidates
+            ]
+            calibration.steps = 1
+            return
+        coefficients, residual = fit_sampler_step(latent, calibration.regressors(calibration.history))
+        calibration.worst_fit = max(calibration.worst_fit, residual)
+        if residual > SAMPLER_FIT_TOLERANCE:
+            calibration.failed = f"the sampler step is not a deterministic linear step (relative residual {residual:.3g})"
+            return
+        real_branch, counters = self._branch, dict(self.partitioned.state.counters)
+        self._shadowing = True
+        try:
+            for shadow in calibration.shadows:
+                shadow.latent = _propagate(latent, coefficients, calibration.regressors(shadow.history),
+                                           calibration.regressors(calibration.history))
+                shadow.error = _relative_l2(shadow.latent, latent)
+                self._branch = shadow.branch
+                self._may_reuse = self._reuse_allowed(gen, shadow.branch, shadow.interval)
+                shadow_args = list(args)
+                shadow_args[self.latent_input] = shadow.latent
+                shadow_noise = self.partitioned(*shadow_args)[self.noise_output]
+                shadow.history = [*shadow.history[-1:], (shadow.latent, [shadow_noise])]
+        finally:
+            self._shadowing, self._branch, self._may_reuse = False, real_branch, False
+            self.partitioned.state.counters.clear()
+            self.partitioned.state.counters.update(counters)
+        calibration.history = [*calibration.history[-1:], (latent, [noise])]
+        calibration.steps += 1
 
     def _finish_calibration(self) -> None:
-        self.threshold, worst = self.calibration.choose(self.config.max_error)
-        self.calibrated = {"calibrated_on_steps": self.calibration.steps, "calibrated_worst_error": worst}
-        if self.threshold == 0.0:
-            log.warning("zc step_cache: no threshold keeps the deep partition's error under max_error=%g; "
-                        "computing every step", self.config.max_error)
-        log.info("zc step_cache: max_error %g -> threshold %.4g (simulated worst relative L1 error %.4g)",
-                 self.config.max_error, self.threshold, worst)
+        calibration, budget = self.calibration, self.config.max_error
+        if calibration.failed is None and calibration.steps < max(self.config.min_steps, 2):
+            self.calibration = _ShadowCalibration(MAX_ERROR_INTERVALS)  # too short: try the next generation
+            return
+        self.interval = 1 if calibration.failed is not None else calibration.choose(budget)
+        self.calibrated = {
+            "calibrated_on_steps": calibration.steps,
+            "calibrated_errors": {s.interval: s.error for s in calibration.shadows},
+            "calibration_failed": calibration.failed,
+        }
+        if calibration.failed is not None:
+            log.warning("zc step_cache: max_error calibration failed (%s): computing every step", calibration.failed)
+        elif self.interval == 1:
+            log.warning("zc step_cache: no interval keeps the final latents within max_error=%g: computing every "
+                        "step", budget)
+        log.info("zc step_cache: max_error %g -> interval %d (replayed final-latent errors %s)", budget,
+                 self.interval, self.calibrated["calibrated_errors"])
         self.calibration = None
 
     def policy(self, name: str, inputs: tuple, run: Callable[[], Any], state) -> Any:
         if name != DEEP:
             return run()
         branch, io = self._branch, self.io
+        counters = self.state.counters if not self._shadowing else collections.Counter()
         stream = inputs[io.stream_input] if io.stream_input is not None else None
         if self._may_reuse and self.adaptive:
             self._may_reuse = _relative_l1(stream, branch.reference) < self.threshold
         if self._may_reuse:
             branch.reused_in_a_row += 1
-            self.state.counters["deep_reused"] += 1
+            counters["deep_reused"] += 1
             if io.residual_output is None and branch.slopes is None:
                 return branch.outputs
             outputs = list(branch.outputs) if io.outputs_tuple else [branch.outputs]
@@ -506,9 +648,7 @@ class StepCacheExecutor(Executor):
                 outputs[io.residual_output] = stream + outputs[io.residual_output]
             return tuple(outputs) if io.outputs_tuple else outputs[0]
         outputs = run()
-        self.state.counters["deep_computed"] += 1
-        if self.calibration is not None and self._calibrating:
-            self.calibration.observe(stream, outputs)
+        counters["deep_computed"] += 1
         if branch is not None:
             cached = list(outputs) if io.outputs_tuple else [outputs]
             if io.residual_output is not None:
@@ -575,6 +715,21 @@ def _deep_io(gm: torch.fx.GraphModule, region: Region, submodule: torch.fx.Graph
     return DeepIO(stream_input, residual_output, outputs_tuple)
 
 
+def _sampler_io(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], data_indices: list[int]) -> tuple[int | None, int | None]:
+    """(input, output) index of the sampler's latents and the model's prediction: the first
+    output of rank >= 3 shaped like a non-weight input (None, None if there is none)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    outputs = list(output) if isinstance(output, (tuple, list)) else [output]
+    for index, out in enumerate(outputs):
+        shape = _shape(out) if isinstance(out, torch.fx.Node) else None
+        if shape is None or len(shape) < 3:
+            continue
+        for i in data_indices:
+            if tuple(example_inputs[i].shape) == shape:
+                return i, index
+    return None, None
+
+
 def _shape(node: torch.fx.Node) -> tuple | None:
     value = node.meta.get("example_value", node.meta.get("val"))
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
@@ -633,11 +788,17 @@ def prepare(
     if DEEP not in partitioned.partitions or SHALLOW_OUT not in partitioned.partitions:
         raise RuntimeError(f"step_cache: expected 3 partitions, got {sorted(partitioned.partitions)}")
     io = built["io"]
-    if (config.threshold is not None or config.max_error is not None) and io.stream_input is None:
+    if config.threshold is not None and io.stream_input is None:
         report.status = "skipped"
         report.skipped("graph", "threshold mode needs a feature map entering the deep partition; none found")
         return None
-    executor = StepCacheExecutor(config, timestep_index, data_indices, io)
+    latent_input, noise_output = _sampler_io(gm, example_inputs, data_indices)
+    if config.max_error is not None and noise_output is None:
+        report.status = "skipped"
+        report.skipped("graph", "max_error needs an output shaped like one of the inputs (the sampler's latents) "
+                                "to replay the sampler; none found")
+        return None
+    executor = StepCacheExecutor(config, timestep_index, data_indices, io, latent_input, noise_output)
     executor.partitioned = partitioned
     holder["executor"] = executor
 
@@ -649,8 +810,14 @@ def prepare(
         "ops": {"shallow_in": sizes[SHALLOW_IN], "deep": sizes[DEEP], "shallow_out": sizes[SHALLOW_OUT]},
         "reuse": "residual" if io.residual_output is not None else "output",
         "mode": (f"threshold {config.threshold}" if config.threshold is not None
-                 else f"max_error {config.max_error} (threshold calibrated on the first generation)"
-                 if config.max_error is not None else f"interval {config.interval}"),
+                 else f"max_error {config.max_error} (interval calibrated on the first generation)"
+                 if config.max_error is not None
+                 else f"interval {config.interval}" + (f", schedule_power {config.schedule_power}"
+                                                      if config.schedule_power != 1.0 else "")),
+        "forecast": config.forecast,
+        "sampler_check": "off" if not config.sampler_check else
+                         "at the second step of each generation" if latent_input is not None else
+                         "not possible: no output shaped like an input",
         "max_consecutive": executor.max_consecutive,
         "decision": "on the host: reads the timestep each call (one scalar device-to-host copy per step on GPU)",
     })

@@ -163,16 +163,19 @@ def run_model(name: str, builder, variants: dict[str, dict | None], batch: int, 
             "ssim_vs_inductor": ssim(images[variant], images[reference]),
             "deep_computed_steps": computed if executors[variant] else None,
             "deep_reused_steps": reused if executors[variant] else None,
+            # max_error: the interval its calibration (on the seed-1234 generation) chose
+            "interval": executors[variant][0].interval if executors[variant] else None,
             "first_generation_s": compile_s[variant],
         }
     rows = [
         [v, f"{r['median_s'] * 1e3:.0f}", f"{r['speedup_vs_inductor']:.2f}x",
          "exact" if r["psnr_db_vs_inductor"] == float("inf") else f"{r['psnr_db_vs_inductor']:.1f}",
          f"{r['ssim_vs_inductor']:.4f}",
-         "-" if r["deep_computed_steps"] is None else f"{r['deep_computed_steps']}/{r['deep_computed_steps'] + r['deep_reused_steps']}"]
+         "-" if r["deep_computed_steps"] is None else f"{r['deep_computed_steps']}/{r['deep_computed_steps'] + r['deep_reused_steps']}",
+         "-" if r["interval"] is None else str(r["interval"])]
         for v, r in table.items()
     ]
-    print(format_table(["variant", "ms / generation", "vs inductor", "PSNR dB", "SSIM", "deep computed"], rows))
+    print(format_table(["variant", "ms / generation", "vs inductor", "PSNR dB", "SSIM", "deep computed", "interval"], rows))
     return {"workload": workload, "steps": STEPS, "rounds": rounds, "variants": table,
             "images": {v: images[v][:10].squeeze(1).tolist() for v in images}}
 
@@ -213,16 +216,25 @@ def main(argv: list[str] | None = None) -> None:
     batch = 16
     results: dict[str, Any] = {}
     env = environment(device)
-    unet_variants = {"eager": None, "inductor": None, "zc interval 3": 3, "zc interval 5": 5,
-                     "zc interval 3 depth 2": {"interval": 3, "depth": 2},
+    linear = {"forecast": "linear"}
+    unet_variants = {"eager": None, "inductor": None,
+                     "zc interval 3": 3, "zc interval 5": 5,
                      "zc interval 5 depth 2": {"interval": 5, "depth": 2},
-                     "zc interval 5 depth 3": {"interval": 5, "depth": 3}}
-    dit_variants = {"eager": None, "inductor": None, "zc interval 2": 2, "zc interval 3": 3,
-                    "zc threshold 0.05": {"threshold": 0.05}, "zc threshold 0.1": {"threshold": 0.1},
-                    "zc threshold 0.2": {"threshold": 0.2}, "zc max_error 0.05": {"max_error": 0.05}}
+                     "zc interval 5 linear": {"interval": 5, **linear},
+                     "zc interval 6 linear power 1.3": {"interval": 6, "schedule_power": 1.3, **linear},
+                     "zc interval 7 linear power 1.3": {"interval": 7, "schedule_power": 1.3, **linear},
+                     "zc max_error 0.07 linear power 1.3": {"max_error": 0.07, "schedule_power": 1.3, **linear}}
+    dit_variants = {"eager": None, "inductor": None,
+                    "zc interval 3": 3, "zc threshold 0.1": {"threshold": 0.1}, "zc threshold 0.2": {"threshold": 0.2},
+                    "zc interval 5 linear": {"interval": 5, **linear},
+                    "zc interval 6 linear": {"interval": 6, **linear},
+                    "zc interval 8 linear": {"interval": 8, **linear},
+                    "zc max_error 0.07 linear": {"max_error": 0.07, **linear}}
     if args.quick:
-        unet_variants = {k: v for k, v in unet_variants.items() if k not in ("zc interval 3 depth 2", "zc interval 5 depth 3")}
-        dit_variants = {k: v for k, v in dit_variants.items() if k not in ("zc interval 2", "zc threshold 0.05")}
+        unet_variants = {k: v for k, v in unet_variants.items()
+                         if k in ("eager", "inductor", "zc interval 5", "zc interval 6 linear power 1.3")}
+        dit_variants = {k: v for k, v in dit_variants.items()
+                        if k in ("eager", "inductor", "zc threshold 0.1", "zc interval 6 linear")}
     if not args.skip_unet:
         results["unet"] = run_model("unet", unet_generator, unet_variants, batch, rounds)
     if not args.skip_dit:

@@ -22,19 +22,28 @@ step). Where to cut comes from the graph's structure, read from each op's ``nn_m
   returns one feature map shaped like its input stream, its *residual* (output - input) is
   cached and added to the new input on reused steps (first-block caching).
 
-On a reused step the deep partition is not run. Whether a step may reuse is decided per call on
-the host (:class:`StepCacheExecutor`): a generation starts when the timestep goes up or the
-non-weight inputs change shape; the first step of a generation, steps with irregular timestep
-spacing, the last step (the timestep is below the spacing, so the next would be below 0) and
-generations whose spacing implies fewer than ``min_steps`` steps always compute. Calls repeating
-the previous call's timestep are further guidance branches (classifier-free guidance run as two
-calls) and keep their own cache. Reading the timestep (and, with ``threshold``, one relative L1
-distance) is a host read: free on CPU, one small device-to-host copy per step on a GPU.
+On a reused step the deep partition is not run: its outputs from the last computed step are
+returned as they are (``forecast="reuse"``, DeepCache) or extrapolated linearly in the timestep
+from the last two computed steps (``forecast="linear"``, TaylorSeer's first order: one fused
+multiply-add per output). Whether a step may reuse is decided per call on the host
+(:class:`StepCacheExecutor`): a generation starts when the timestep goes up or the non-weight
+inputs change shape; the first step of a generation, steps with irregular timestep spacing, the
+last step (the timestep is below the spacing, so the next would be below 0) and generations
+whose spacing implies fewer than ``min_steps`` steps always compute; ``interval`` (with
+``schedule_power`` != 1: a non-uniform plan, denser early) or ``threshold`` pick the others.
+Calls repeating the previous call's timestep are further guidance branches (classifier-free
+guidance run as two calls) and keep their own cache. Reading the timestep (and, with
+``threshold``, one relative L1 distance) is a host read: free on CPU, one small device-to-host
+copy per step on a GPU.
 
-``max_error`` computes the whole first generation, replays on it which steps each candidate
-threshold would have reused and the relative L1 error that would have put on the deep
-partition's outputs, and keeps the largest threshold within budget (a per-step bound on the
-cached part, not a bound on the final image).
+The sampler is invisible to the model, but its steps are not: the latents the model gets at step
+k+1 are, for a deterministic sampler, a linear function of the latents and outputs of steps k
+and k-1 (DDIM, DPM-Solver, Euler; fitted by least squares over the elements). At the second step
+of each generation that fit is checked on the first step (``sampler_check``): a sampler that
+injects noise (DDPM, DDIM with eta > 0, ancestral) leaves a residual the size of its noise, and
+that generation computes every step. ``max_error`` uses the same fits to replay the first
+generation (computed in full) under each candidate interval, and keeps the largest whose latents
+entering the last step stay within the budget (relative L2).
 """
 
 from __future__ import annotations

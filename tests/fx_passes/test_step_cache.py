@@ -170,6 +170,43 @@ def test_linear_forecast_on_a_non_uniform_schedule_matches_an_eager_reference():
     assert executor.state.counters["deep_reused"] == 7
 
 
+def test_cache_survives_partitions_that_reuse_their_output_buffers():
+    """CUDA graphs replay into static output memory: the next call of a partition overwrites
+    what the last one returned. Here every partition writes into its own static buffers."""
+
+    def static_outputs(gm, inputs=None):
+        buffers = []
+
+        def run(*args):
+            out = gm(*args)
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            if not buffers:
+                buffers.extend(torch.empty_like(o) for o in outs)
+            for buffer, o in zip(buffers, outs):
+                buffer.copy_(o)
+            return tuple(buffers) if isinstance(out, (tuple, list)) else buffers[0]
+
+        return run
+
+    def backend(gm, example_inputs):
+        report = PassReport("step_cache")
+        config = StepCacheConfig(enabled=True, interval=3, forecast="linear")
+        return step_cache.prepare(gm, example_inputs, config, static_outputs, report, lambda g: None)
+
+    model = tiny_unet()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    forecaster = DeepForecaster(model, "up_blocks.1.resnets.0")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS):
+            out = compiled(x, torch.tensor(t)).sample.clone()
+            # the forecast needs the last two computed outputs: both must have survived
+            forecaster.reuse, forecaster.timestep = step % 3 != 0 and step != len(TIMESTEPS) - 1, t
+            torch.testing.assert_close(out, forecaster.model(x, torch.tensor(t)).sample, rtol=1e-4, atol=1e-5)
+            x = x * 0.9 - 0.1 * out
+    assert executors()[0].state.counters["deep_reused"] == 7
+
+
 def test_new_generation_resets_and_repeated_or_random_timesteps_compute():
     model = tiny_unet()
     compiled, _ = cached(model, interval=2)

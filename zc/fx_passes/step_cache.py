@@ -481,6 +481,8 @@ class StepCacheExecutor(Executor):
         outputs = self.partitioned(*args)
         if gen is not None and self._branch is not None and self.noise_output is not None:
             if self.calibration is not None and gen.calibrating:
+                # the replays run the partitions again, which may reuse their output buffers
+                outputs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
                 self._calibrate(gen, args, outputs)
             elif gen.step == 0 and self.config.sampler_check:
                 gen.first_step.append(outputs[self.noise_output])
@@ -606,7 +608,7 @@ class StepCacheExecutor(Executor):
                 self._may_reuse = self._reuse_allowed(gen, shadow.branch, shadow.interval)
                 shadow_args = list(args)
                 shadow_args[self.latent_input] = shadow.latent
-                shadow_noise = self.partitioned(*shadow_args)[self.noise_output]
+                shadow_noise = self.partitioned(*shadow_args)[self.noise_output].clone()
                 shadow.history = [*shadow.history[-1:], (shadow.latent, [shadow_noise])]
         finally:
             self._shadowing, self._branch, self._may_reuse = False, real_branch, False
@@ -659,9 +661,12 @@ class StepCacheExecutor(Executor):
         outputs = run()
         counters["deep_computed"] += 1
         if branch is not None:
-            cached = list(outputs) if io.outputs_tuple else [outputs]
-            if io.residual_output is not None:
-                cached[io.residual_output] = cached[io.residual_output] - stream
+            # Copies, not references: a partition may hand out the same buffers on its next call
+            # (CUDA graphs replay into static memory), and the outputs also flow on to the user.
+            cached = [
+                out - stream if index == io.residual_output else out.clone() if isinstance(out, torch.Tensor) else out
+                for index, out in enumerate(outputs if io.outputs_tuple else [outputs])
+            ]
             previous = branch.outputs
             if self.linear_forecast and previous is not None and self._timestep != branch.computed_timestep:
                 previous = list(previous) if io.outputs_tuple else [previous]

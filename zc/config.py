@@ -149,7 +149,7 @@ class TokenSkipConfig(PassConfig):
                              f"got {self.anchor!r}")
 
 
-STEP_CACHE_FORECASTS = ("reuse", "linear")
+STEP_CACHE_FORECASTS = ("reuse", "linear", "quadratic")
 
 
 @dataclasses.dataclass(frozen=True)

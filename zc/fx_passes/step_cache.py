@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from zc.config import StepCacheConfig
+from zc.config import STEP_CACHE_FORECASTS, StepCacheConfig
 from zc.fx_passes.pass_manager import PassReport, is_weight_input
 from zc.runtime import Executor, split_and_compile
 
@@ -314,6 +314,10 @@ class _Branch:
     # forecast "linear": per output, its change per unit of timestep between the last two
     # computed steps (None until two were computed, or for non-float outputs)
     slopes: list[torch.Tensor | None] | None = None
+    # forecast "quadratic": Newton's second divided differences over the last three computed
+    # steps, and the timestep of the one before the last
+    curvatures: list[torch.Tensor | None] | None = None
+    previous_timestep: float = 0.0
     reused_in_a_row: int = 0
 
 
@@ -456,7 +460,7 @@ class StepCacheExecutor(Executor):
         self.interval = config.interval
         self.calibration = _ShadowCalibration(MAX_ERROR_INTERVALS) if config.max_error is not None else None
         self.calibrated: dict[str, Any] = {}
-        self.linear_forecast = config.forecast == "linear"
+        self.forecast_order = STEP_CACHE_FORECASTS.index(config.forecast)  # reuse 0, linear 1, quadratic 2
         self._weight_index: int | None = None
         self._branch: _Branch | None = None
         self._may_reuse = False
@@ -655,6 +659,10 @@ class StepCacheExecutor(Executor):
                 distance = self._timestep - branch.computed_timestep
                 outputs = [out if slope is None else torch.add(out, slope, alpha=distance)
                            for out, slope in zip(outputs, branch.slopes)]
+            if branch.curvatures is not None:
+                factor = (self._timestep - branch.computed_timestep) * (self._timestep - branch.previous_timestep)
+                outputs = [out if curvature is None else torch.add(out, curvature, alpha=factor)
+                           for out, curvature in zip(outputs, branch.curvatures)]
             if io.residual_output is not None:
                 outputs[io.residual_output] = stream + outputs[io.residual_output]
             return tuple(outputs) if io.outputs_tuple else outputs[0]
@@ -668,14 +676,20 @@ class StepCacheExecutor(Executor):
                 for index, out in enumerate(outputs if io.outputs_tuple else [outputs])
             ]
             previous = branch.outputs
-            if self.linear_forecast and previous is not None and self._timestep != branch.computed_timestep:
+            if self.forecast_order and previous is not None and self._timestep != branch.computed_timestep:
                 previous = list(previous) if io.outputs_tuple else [previous]
                 distance = self._timestep - branch.computed_timestep
-                branch.slopes = [
+                slopes = [
                     (new - old) / distance
                     if isinstance(new, torch.Tensor) and new.is_floating_point() and new.dim() >= 3 else None
                     for new, old in zip(cached, previous)
                 ]
+                if self.forecast_order == 2 and branch.slopes is not None:
+                    span = self._timestep - branch.previous_timestep
+                    branch.curvatures = [None if new is None or old is None else (new - old) / span
+                                         for new, old in zip(slopes, branch.slopes)]
+                branch.slopes = slopes
+                branch.previous_timestep = branch.computed_timestep
             branch.reused_in_a_row = 0
             branch.computed_step, branch.computed_timestep = self._step, self._timestep
             branch.reference = stream

@@ -179,9 +179,9 @@ class StepCacheConfig(PassConfig):
     noise (DDPM, DDIM with eta > 0, ancestral samplers) fails it and that generation computes
     every step (``False``: cache anyway).
     ``forecast``: what a reused step returns for the deep partition: ``"reuse"`` its outputs
-    from the last computed step as they are (DeepCache); ``"linear"`` extrapolated from the last
-    two computed steps, in proportion to the timestep distance (TaylorSeer's first order), one
-    fused multiply-add per tensor per reused step. ``schedule_power``: with ``interval``, place the
+    from the last computed step as they are (DeepCache); ``"linear"`` / ``"quadratic"``
+    extrapolated (in the timestep) through the last two / three computed steps (TaylorSeer's
+    first / second order; one / two multiply-adds per tensor per reused step). ``schedule_power``: with ``interval``, place the
     ``ceil(steps / interval)`` computed steps of a generation at ``(j / K) ** schedule_power`` of
     the way through it (1 = every ``interval``-th step; > 1 = denser at the start, where this
     matters most on the trained UNet); the number of steps is estimated from the timestep spacing.

@@ -125,25 +125,30 @@ def test_unet_structure_and_interval_schedule_match_an_eager_reference():
 
 
 class DeepForecaster(DeepFreezer):
-    """Like :class:`DeepFreezer`, but a reused step gets the linear extrapolation (in timestep)
-    of the submodule's outputs at its last two computed steps (``forecast="linear"``)."""
+    """Like :class:`DeepFreezer`, but a reused step gets the polynomial extrapolation (Lagrange,
+    in timestep) of the submodule's outputs at its last ``order + 1`` computed steps (fewer
+    while fewer were computed): ``forecast="linear"`` (1) or ``"quadratic"`` (2)."""
 
-    def __init__(self, model, name):
+    def __init__(self, model, name, order=1):
         super().__init__(model, name)
-        self.timestep, self.history = None, []
+        self.order, self.timestep, self.history = order, None, []
 
     def hook(self, module, args, output):
         if not self.reuse:
-            self.history = [*self.history[-1:], (self.timestep, output)]
+            self.history = [*self.history[-self.order:], (self.timestep, output)]
             return output
-        (t_last, last) = self.history[-1]
-        if len(self.history) < 2:
-            return last
-        (t_prev, prev) = self.history[0]
-        return last + (last - prev) / (t_last - t_prev) * (self.timestep - t_last)
+        result = 0
+        for i, (t_i, f_i) in enumerate(self.history):
+            weight = 1.0
+            for j, (t_j, _) in enumerate(self.history):
+                if j != i:
+                    weight *= (self.timestep - t_j) / (t_i - t_j)
+            result = result + weight * f_i
+        return result
 
 
-def test_linear_forecast_on_a_non_uniform_schedule_matches_an_eager_reference():
+@pytest.mark.parametrize("forecast", ["linear", "quadratic"])
+def test_forecast_on_a_non_uniform_schedule_matches_an_eager_reference(forecast):
     assert step_cache.computed_steps(12, 3, 1.5) == {0, 1, 4, 7, 11}
     assert step_cache.computed_steps(50, 5, 1.0) == {0, 5, 10, 15, 20, 24, 29, 34, 39, 44, 49}
     with pytest.raises(ValueError, match=r"step_cache\.forecast"):
@@ -151,8 +156,8 @@ def test_linear_forecast_on_a_non_uniform_schedule_matches_an_eager_reference():
     with pytest.raises(ValueError, match=r"step_cache\.schedule_power"):
         ZcConfig.from_options({"step_cache": {"schedule_power": 0}})
     model = tiny_unet()
-    compiled, _ = cached(model, interval=3, forecast="linear", schedule_power=1.5)
-    forecaster = DeepForecaster(model, "up_blocks.1.resnets.0")
+    compiled, _ = cached(model, interval=3, forecast=forecast, schedule_power=1.5)
+    forecaster = DeepForecaster(model, "up_blocks.1.resnets.0", order=["linear", "quadratic"].index(forecast) + 1)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):
@@ -161,7 +166,7 @@ def test_linear_forecast_on_a_non_uniform_schedule_matches_an_eager_reference():
             forecaster.timestep = t
             expected = forecaster.model(x, torch.tensor(t)).sample
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-            if step == 2:  # a forecast (from steps 0 and 1) is not a plain reuse of step 1
+            if step == 5:  # a forecast (from steps 0, 1 and 4) is not a plain reuse of step 4
                 history, forecaster.history = forecaster.history, forecaster.history[-1:]
                 assert not torch.allclose(out, forecaster.model(x, torch.tensor(t)).sample, rtol=1e-4, atol=1e-5)
                 forecaster.history = history

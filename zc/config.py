@@ -158,33 +158,39 @@ class StepCacheConfig(PassConfig):
 
     The graph is split where its structure says (a UNet's outermost skip levels, or the first
     blocks of a chain of repeated blocks); the deep partition is computed on some steps and its
-    cached result reused on the others. ``interval``: compute the deep partition every
-    ``interval`` steps of a generation (1 = every step: the pass steps aside). ``threshold``:
-    adaptive instead: reuse while the deep partition's input changed by less than this relative
-    L1 distance since the last computed step. ``depth``: UNet skip level whose inside is cached
-    (1 = the outermost, the most reuse), or the number of leading blocks of a block chain run
-    every step. ``max_consecutive``: most reused steps in a row (default ``interval - 1``, or 4
-    with a threshold). ``min_steps``: a generation whose timestep spacing implies fewer steps
-    computes every step (0 = always cache). ``max_error``: choose the interval by calibration:
-    the first generation computes every step (exact) while replaying itself under intervals 2 to 8
-    (with the configured ``forecast`` and ``schedule_power``; the sampler's steps are fitted
-    from the latents the model sees, so this costs about 3 extra generations once), and the
-    largest interval whose latents entering the last step stay within ``max_error`` relative L2
-    error of the computed ones is used from the next generation on. For images in [0, 1]
-    decoded as ``latents / 2 + 0.5`` (DDPM/DDIM pipelines) with latents of RMS r, a relative
-    error e is a PSNR of about ``20 log10(2 / (e r))``: 0.05 is about 34 dB at r = 0.8. It bounds the
-    calibration generation only: other seeds, prompts or sizes are not re-checked.
+    cached result reused on the others.
+
+    ``interval``: compute the deep partition every ``interval`` steps of a generation (1 = every
+    step: the pass steps aside). ``schedule_power``: place those ``K = ceil(steps / interval)``
+    computed steps at ``(j / K) ** schedule_power`` of the way through the generation (1 = evenly;
+    > 1 = denser at the start, at high noise, where reuse errors cost the trained UNet most); the
+    number of steps is estimated from the timestep spacing. ``threshold``: adaptive instead:
+    reuse while the deep partition's input changed by less than this relative L1 distance since
+    the last computed step. ``depth``: UNet skip level whose inside is cached (1 = the outermost,
+    the most reuse), or the number of leading blocks of a block chain run every step.
+
+    ``forecast``: what a reused step returns for the deep partition: ``"reuse"`` its outputs from
+    the last computed step as they are (DeepCache); ``"linear"`` / ``"quadratic"`` extrapolated
+    (in the timestep) through the last two / three computed steps (TaylorSeer's first / second
+    order: one / two multiply-adds per tensor per reused step).
+
+    ``max_error``: choose the interval by calibration. The first generation computes every step
+    (its results are exact) while replaying itself under intervals 2 to 8 (with the configured
+    ``forecast`` and ``schedule_power``; the sampler's steps are fitted from the latents the model
+    sees), which makes that one generation about 3x as long; the largest interval whose latents
+    entering the last step stay within ``max_error`` (relative L2) of the computed ones is used
+    from the next generation on. For images ``latents / 2 + 0.5`` with latents of RMS r, a
+    relative error e is a PSNR of about ``20 log10(2 / (e r))`` (0.05 is about 34 dB at r = 0.8);
+    pipelines that clip the final image usually come out closer. The bound holds for the
+    calibration generation: other seeds, prompts or sizes are not re-checked.
+
     ``sampler_check``: at the second step of each generation, check that the first sampler step
     was a deterministic linear function of the model's input and output; a sampler that injects
     noise (DDPM, DDIM with eta > 0, ancestral samplers) fails it and that generation computes
-    every step (``False``: cache anyway).
-    ``forecast``: what a reused step returns for the deep partition: ``"reuse"`` its outputs
-    from the last computed step as they are (DeepCache); ``"linear"`` / ``"quadratic"``
-    extrapolated (in the timestep) through the last two / three computed steps (TaylorSeer's
-    first / second order; one / two multiply-adds per tensor per reused step). ``schedule_power``: with ``interval``, place the
-    ``ceil(steps / interval)`` computed steps of a generation at ``(j / K) ** schedule_power`` of
-    the way through it (1 = every ``interval``-th step; > 1 = denser at the start, where this
-    matters most on the trained UNet); the number of steps is estimated from the timestep spacing.
+    every step (``False``: cache anyway). ``max_consecutive``: most reused steps in a row
+    (default ``interval - 1`` with an even schedule, unlimited with ``schedule_power`` != 1, 4
+    with a threshold). ``min_steps``: a generation whose timestep spacing implies fewer steps
+    computes every step (0 = always cache).
     """
 
     interval: int = 3

@@ -1,6 +1,6 @@
 """step_cache: 50-step DDIM on the trained digit UNet and DiT, cached vs uncached, in one process.
 
-    python -m benchmarks.step_cache [--quick] [--out DIR] [--skip-unet] [--skip-dit]
+    python -m benchmarks.step_cache [--quick] [--out DIR] [--skip-unet] [--skip-dit] [--only V1,V2] [--rounds N]
 
 The denoisers are the ones ``benchmarks/train_diffusion.py`` trained on scikit-learn's digits
 (weights in ``benchmarks/weights/``). The UNet runs in a real, unmodified ``diffusers``
@@ -213,10 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 by default: with the 2 cores shared by other jobs, "
                              "2 threads spin against each other and run ~10x slower")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated variant names to run (with eager and inductor), e.g. for a "
+                             "longer run of a few; results go to step_cache-only.json")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, 3 with --quick)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = select_device()
-    rounds = 3 if args.quick else 9
+    rounds = args.rounds or (3 if args.quick else 9)
     batch = 16
     results: dict[str, Any] = {}
     env = environment(device)
@@ -241,11 +245,15 @@ def main(argv: list[str] | None = None) -> None:
                          if k in ("eager", "inductor", "zc interval 3", "zc interval 5 quadratic power 1.3")}
         dit_variants = {k: v for k, v in dit_variants.items()
                         if k in ("eager", "inductor", "zc threshold 0.1", "zc interval 6 linear")}
+    if args.only:
+        wanted = {"eager", "inductor", *(name.strip() for name in args.only.split(","))}
+        unet_variants = {k: v for k, v in unet_variants.items() if k in wanted}
+        dit_variants = {k: v for k, v in dit_variants.items() if k in wanted}
     if not args.skip_unet:
         results["unet"] = run_model("unet", unet_generator, unet_variants, batch, rounds)
     if not args.skip_dit:
         results["dit"] = run_model("dit", dit_generator, dit_variants, batch, rounds)
-    name = "step_cache" + ("-quick" if args.quick else "")
+    name = "step_cache" + ("-quick" if args.quick else "") + ("-only" if args.only else "")
     images = {model: block.pop("images") for model, block in results.items()}
     payload = {
         "environment": env,

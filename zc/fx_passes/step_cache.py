@@ -509,10 +509,10 @@ class StepCacheExecutor(Executor):
         timesteps = args[self.timestep_index]
         shapes = tuple(tuple(args[i].shape) for i in self.data_indices)
         self._branch, self._may_reuse = None, False
-        flat = timesteps.reshape(-1)
-        if flat.numel() == 0 or (flat.numel() > 1 and not bool((flat == flat[0]).all())):
+        values = timesteps.reshape(-1).tolist()  # the one host read of a call (a GPU sync where t is on it)
+        if not values or any(v != values[0] for v in values):
             return None  # one timestep per sample differing: not a sampling loop
-        t = float(flat[0])
+        t = float(values[0])
         gen: _Generation | None = self.state.get(model)
         if gen is None or gen.shapes != shapes or t > gen.timestep:
             if self.calibration is not None and self.calibration.steps:
@@ -847,7 +847,11 @@ def prepare(
                          "at the second step of each generation" if latent_input is not None else
                          "not possible: no output shaped like an input",
         "max_consecutive": executor.max_consecutive,
-        "decision": "on the host: reads the timestep each call (one scalar device-to-host copy per step on GPU)",
+        "decision": ("on the host: reads the timestep each call (free when the pipeline keeps its timesteps on the "
+                     "CPU, as DDIMPipeline does; one device-to-host copy per step when they are on a GPU)"
+                     + ("; and one relative L1 distance per call" if config.threshold is not None else "")
+                     + ("; the sampler check fits the first step once per generation" if config.sampler_check else "")
+                     + ("; max_error fits every step of the calibration generation" if config.max_error is not None else "")),
     })
     log.info("zc step_cache: %s, deep partition %d of %d ops, reuse %s", region.description, sizes[DEEP],
              sum(sizes.values()), report.metrics["reuse"])

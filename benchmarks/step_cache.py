@@ -1,6 +1,6 @@
 """step_cache: 50-step DDIM on the trained digit UNet and DiT, cached vs uncached, in one process.
 
-    python -m benchmarks.step_cache [--quick] [--out DIR] [--skip-unet] [--skip-dit] [--only V1,V2] [--rounds N]
+    python -m benchmarks.step_cache [--quick] [--out DIR] [--skip-unet] [--skip-dit] [--only V1,V2] [--rounds N] [--batch N]
 
 The denoisers are the ones ``benchmarks/train_diffusion.py`` trained on scikit-learn's digits
 (weights in ``benchmarks/weights/``). The UNet runs in a real, unmodified ``diffusers``
@@ -217,11 +217,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated variant names to run (with eager and inductor), e.g. for a "
                              "longer run of a few; results go to step_cache-only.json")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, 3 with --quick)")
+    parser.add_argument("--batch", type=int, default=16,
+                        help="images per generation (16 is the reference workload; others write -b<N> results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = select_device()
     rounds = args.rounds or (3 if args.quick else 9)
-    batch = 16
+    batch = args.batch
     results: dict[str, Any] = {}
     env = environment(device)
     linear, quadratic = {"forecast": "linear"}, {"forecast": "quadratic"}
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         results["unet"] = run_model("unet", unet_generator, unet_variants, batch, rounds)
     if not args.skip_dit:
         results["dit"] = run_model("dit", dit_generator, dit_variants, batch, rounds)
-    name = "step_cache" + ("-quick" if args.quick else "") + ("-only" if args.only else "")
+    name = ("step_cache" + ("-quick" if args.quick else "") + ("-only" if args.only else "")
+            + (f"-b{batch}" if batch != 16 else ""))
     images = {model: block.pop("images") for model, block in results.items()}
     payload = {
         "environment": env,

@@ -374,8 +374,12 @@ def _step_regressors(latent: torch.Tensor, outputs: Sequence[torch.Tensor], batc
 
 def fit_sampler_step(target: torch.Tensor, regressors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, float]:
     """Least-squares coefficients of ``target`` (the next latent) over ``regressors``, and the
-    relative L2 residual: ~1e-6 for a deterministic sampler (DDIM eta=0, DPM-Solver, Euler),
-    the size of the injected noise for a stochastic one (DDPM, DDIM eta>0, ancestral)."""
+    relative L2 residual. Measured on the first step of a 12-step run of a small random UNet:
+    about 5e-8 for DDIM (eta 0, no clipping), Euler, DPM-Solver++(2M) and UniPC; the size of the
+    injected noise for stochastic samplers (DDPM 0.6, DDIM eta 1 0.3 to 0.6, Euler ancestral 0.3,
+    DDIM eta 0.1 0.14). Fitting later steps over the last two steps: up to 2e-4
+    (DPM-Solver++(2M)) and 9e-4 (UniPC), not exact but close; DDIM's ``clip_sample`` on the
+    trained digit UNet 3e-3 to 8e-3."""
     columns = torch.stack([r.reshape(-1).double() for r in regressors], 1)
     wanted = target.reshape(-1).double()
     coefficients = torch.linalg.pinv(columns.T @ columns) @ (columns.T @ wanted)
@@ -408,9 +412,10 @@ class _ShadowCalibration:
     """For ``max_error``: the first generation computes every step (its results are exact) and,
     alongside, replays the generation under each candidate interval (with the configured
     forecast and schedule). The sampler is not visible to the model, so each step of it is
-    fitted as a linear function of the last two steps' latents and outputs (exact for
-    deterministic first- and second-order samplers), and each candidate's own latents are
-    advanced with that fit and run through the cached model. The chosen interval is the largest
+    fitted as a linear function of the last two steps' latents and outputs (exact for DDIM and
+    Euler, close for DPM-Solver++(2M) and UniPC: see :func:`fit_sampler_step`), and each
+    candidate's latents are moved by that fit applied to their difference from the computed
+    run's, then run through the cached model. The chosen interval is the largest
     whose latent at the last step (what the sampler turns into the image) stays within
     ``max_error`` (relative L2) of the computed one, it and every smaller candidate."""
 

@@ -448,10 +448,11 @@ def ddim_generation(denoiser, seed, steps=12, scheduler=None, **step_kwargs):
     scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 1, 8, 8, generator=generator)
+    x = torch.randn(2, 1, 8, 8, generator=generator) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         last_input = x
-        x = scheduler.step(denoiser(x, t).sample, t, x, generator=generator, **step_kwargs).prev_sample
+        prediction = denoiser(scheduler.scale_model_input(x, t), t).sample
+        x = scheduler.step(prediction, t, x, generator=generator, **step_kwargs).prev_sample
     return x, last_input
 
 
@@ -489,7 +490,7 @@ def test_max_error_bounds_the_latents_of_the_calibration_generation():
 
 
 def test_stochastic_samplers_compute_every_step_unless_told():
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     model = tiny_unet()
     with torch.no_grad():
@@ -498,6 +499,8 @@ def test_stochastic_samplers_compute_every_step_unless_told():
             (DDIMScheduler(num_train_timesteps=1000, clip_sample=False), {"eta": 1.0}, True, False),
             (DDIMScheduler(num_train_timesteps=1000, clip_sample=False), {"eta": 0.0}, True, True),
             (DDPMScheduler(num_train_timesteps=1000, clip_sample=False), {}, False, True),
+            (EulerDiscreteScheduler(num_train_timesteps=1000), {}, True, True),
+            (EulerAncestralDiscreteScheduler(num_train_timesteps=1000), {}, True, False),
         ]:
             torch._dynamo.reset()
             compiled, _ = cached(model, interval=2, sampler_check=sampler_check)

@@ -492,7 +492,8 @@ def test_max_error_bounds_the_latents_of_the_calibration_generation():
 def test_stochastic_samplers_compute_every_step_unless_told():
     from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-    model = tiny_unet()
+    # one compiled model per setting, its caches reset between samplers (fewer compiles)
+    compiled = {check: cached(tiny_unet(), interval=2, sampler_check=check)[0] for check in (True, False)}
     with torch.no_grad():
         for scheduler, kwargs, sampler_check, reuses in [
             (DDPMScheduler(num_train_timesteps=1000, clip_sample=False), {}, True, False),
@@ -502,9 +503,8 @@ def test_stochastic_samplers_compute_every_step_unless_told():
             (EulerDiscreteScheduler(num_train_timesteps=1000), {}, True, True),
             (EulerAncestralDiscreteScheduler(num_train_timesteps=1000), {}, True, False),
         ]:
-            torch._dynamo.reset()
-            compiled, _ = cached(model, interval=2, sampler_check=sampler_check)
-            ddim_generation(compiled, seed=0, scheduler=scheduler, **kwargs)
+            step_cache.reset_step_caches()
+            ddim_generation(compiled[sampler_check], seed=0, scheduler=scheduler, **kwargs)
             (executor,) = executors()
             counters = executor.state.counters
             assert (counters["deep_reused"] > 0) == reuses, (scheduler, kwargs)
@@ -512,9 +512,10 @@ def test_stochastic_samplers_compute_every_step_unless_told():
             del executor, counters
         # max_error cannot replay a stochastic sampler: the calibration says so and nothing is reused
         torch._dynamo.reset()
-        compiled, _ = cached(model, max_error=0.5)
+        step_cache.reset_step_caches()
+        calibrated, _ = cached(tiny_unet(), max_error=0.5)
         for _ in range(2):
-            ddim_generation(compiled, seed=0, scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False))
+            ddim_generation(calibrated, seed=0, scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False))
         (executor,) = executors()
         assert "not a deterministic" in executor.report()["calibration_failed"]
         assert executor.state.counters["deep_reused"] == 0

@@ -494,7 +494,8 @@ class StepCacheExecutor(Executor):
                 outputs = tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
                 self._calibrate(gen, args, outputs)
             elif gen.step == 0 and self.config.sampler_check:
-                gen.first_step.append(outputs[self.noise_output])
+                # a copy: another guidance branch's call may reuse the partitions' output buffers
+                gen.first_step.append(outputs[self.noise_output].clone())
         return outputs
 
     def reset(self) -> None:
@@ -541,7 +542,7 @@ class StepCacheExecutor(Executor):
             return None
         if (gen.step == 0 and gen.branch == 0 and not gen.calibrating and self.latent_input is not None
                 and self.config.sampler_check):
-            gen.first_step = [args[self.latent_input]]
+            gen.first_step = [args[self.latent_input].clone()]
         self._branch = gen.branches.setdefault(gen.branch, _Branch())
         self._step, self._timestep = gen.step, t
         if gen.calibrating:

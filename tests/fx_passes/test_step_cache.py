@@ -377,6 +377,28 @@ def test_fullgraph_generations_compile_once():
     assert counters["deep_computed"] == 2 * 18 and counters["deep_reused"] == 2 * 32
 
 
+def test_fullgraph_forecast_schedule_and_calibration_compile_once():
+    """The new modes live in the executor too: a max_error calibration (replays included), a
+    quadratic forecast on a non-uniform schedule and a DDIM sampler, still one compiled frame."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    config = StepCacheConfig(enabled=True, max_error=0.3, forecast="quadratic", schedule_power=1.3)
+    counter = CompileCounterWithBackend(uncompiled(config, []))
+    compiled = torch.compile(tiny_unet(), backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):
+            ddim_generation(compiled, seed=0)
+    assert counter.frame_count == 1
+    (executor,) = executors()
+    report = executor.report()
+    assert report["calibration_failed"] is None and report["calibrated_on_steps"] == 12
+    assert report["counters"]["generations"] == 2 and report["interval"] > 1
+    # the second generation followed the calibrated interval's non-uniform plan
+    computed = len(step_cache.computed_steps(12, report["interval"], 1.3))
+    assert report["counters"]["deep_computed"] == 12 + computed
+    assert report["counters"]["deep_reused"] == 12 - computed
+
+
 def test_compiled_partitions_inductor():
     model = tiny_unet()
     compiled = torch.compile(model, backend="zc", options={"step_cache": 2}, fullgraph=True)

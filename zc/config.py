@@ -97,6 +97,7 @@ class QuantizeConfig(PassConfig):
 TOKEN_SKIP_STRATEGIES = ("skip", "merge")
 TOKEN_SKIP_SCORES = ("similarity", "dissimilarity", "norm")
 TOKEN_SKIP_ANCHORS = ("auto", "first", "last")
+TOKEN_SKIP_MATCHINGS = ("bipartite", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +112,20 @@ class TokenSkipConfig(PassConfig):
     always kept: ``first`` (CLS), ``last`` (causal LMs, which also keep the first token), or
     ``auto`` (last for causal LMs, else first). Padding tokens skip first. ``strategy``:
     ``skip`` (skipped tokens keep their state from block ``start_layer``) or ``merge`` (ToMe-
-    style: each skipped token is averaged into its most similar kept token, and takes that
-    token's output at the end). ``withdraw_start`` / ``withdraw_end``: instead of scoring, the
+    style: tokens are merged into similar ones, see ``matching``, and take their group's output
+    at the end). ``withdraw_start`` / ``withdraw_end``: instead of scoring, the
     tokens at positions ``[withdraw_start, withdraw_end)`` are withdrawn after block
     ``start_layer`` (VTW: the image tokens of a multimodal LLM); ``keep_ratio`` is then unused.
+
+    ``schedule``: instead of ``start_layer`` / ``keep_ratio``, the fraction of the tokens each block
+    runs on, one per block, non-increasing, the first 1 (``(1, .875, .75, .625, .5, .375)``): tokens
+    leave (or merge) gradually, which loses less than one drop at the same cost. ``matching``
+    (merge): ``bipartite`` (ToMe's bipartite soft matching: tokens at even positions merge into
+    their most similar token at an odd position, the closest pairs first; the first token is
+    never merged) or ``score`` (the tokens kept are chosen by ``score``; every other token merges
+    into its most similar kept one). Merged states are averages weighted by how many tokens each
+    stands for. ``proportional_attention`` (merge): ``log(size)`` of each merged token is added to
+    the attention logits of its key, so it weighs as much as the tokens it stands for.
     """
 
     start_layer: int = 1
@@ -124,6 +135,9 @@ class TokenSkipConfig(PassConfig):
     anchor: str = "auto"
     withdraw_start: int | None = None
     withdraw_end: int | None = None
+    schedule: tuple[float, ...] | None = None
+    matching: str = "bipartite"
+    proportional_attention: bool = True
 
     shorthand: ClassVar[str | None] = "keep_ratio"
 
@@ -147,6 +161,18 @@ class TokenSkipConfig(PassConfig):
         if self.anchor not in TOKEN_SKIP_ANCHORS:
             raise ValueError(f"zc: option 'token_skip.anchor' must be one of {', '.join(TOKEN_SKIP_ANCHORS)}; "
                              f"got {self.anchor!r}")
+        if self.matching not in TOKEN_SKIP_MATCHINGS:
+            raise ValueError(f"zc: option 'token_skip.matching' must be one of {', '.join(TOKEN_SKIP_MATCHINGS)}; "
+                             f"got {self.matching!r}")
+        if self.schedule is not None:
+            ratios = self.schedule
+            if (not ratios or ratios[0] != 1.0 or any(not 0.0 < r <= 1.0 for r in ratios)
+                    or any(b > a for a, b in zip(ratios, ratios[1:]))):
+                raise ValueError("zc: option 'token_skip.schedule' must be the keep ratio of every block, in (0, 1], "
+                                 f"non-increasing, the first block's 1.0; got {ratios}")
+            if self.withdraw_start is not None:
+                raise ValueError("zc: option 'token_skip.schedule' does not go with 'withdraw_start' / 'withdraw_end' "
+                                 "(the withdrawn span says which tokens leave)")
 
 
 @dataclasses.dataclass(frozen=True)

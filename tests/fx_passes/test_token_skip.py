@@ -19,9 +19,12 @@ from zc.fx_passes import token_skip
 from zc.fx_passes.pass_manager import PassReport
 from zc.fx_passes.token_skip import (
     assign_to_kept,
+    bipartite_plan,
     gather_tokens,
+    initial_sizes,
     key_valid_from_mask,
     merge_tokens,
+    merged_sizes,
     outside_span,
     scatter_tokens,
     select_tokens,
@@ -53,7 +56,7 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="skip", seen=None, span=None):
+def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, seen=None, span=None):
     """Eager ``model`` whose blocks after ``start_layer`` see only the kept tokens (by hand)."""
     state = {}
     handles = []
@@ -70,11 +73,7 @@ def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="
             index = (outside_span(hidden, *span) if span else
                      select_tokens(hidden, valid, keep, "similarity", anchor, anchor == -1))
             state.update(base=hidden, valid=valid, index=index)
-            if strategy == "merge":
-                state["assign"] = assign_to_kept(hidden, state["index"])
-                hidden = merge_tokens(hidden, state["assign"], valid, keep)
-            else:
-                hidden = gather_tokens(hidden, state["index"], [1])
+            hidden = gather_tokens(hidden, state["index"], [1])
             if seen is not None:
                 seen.append(state["index"])
         if mask is not None:
@@ -89,10 +88,7 @@ def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="
 
     def after(module, args, out):
         hidden = out[0] if isinstance(out, tuple) else out
-        if strategy == "merge":
-            hidden = unmerge_tokens(state["base"], state["assign"], hidden, state["valid"])
-        else:
-            hidden = scatter_tokens(state["base"], state["index"], hidden)
+        hidden = scatter_tokens(state["base"], state["index"], hidden)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     for i in range(start_layer + 1, len(layers)):
@@ -142,17 +138,91 @@ def test_bert_skip_matches_hand_written_reference_with_padding_and_compiles_once
     assert int((index[1] >= 14).sum()) == 0
 
 
-def test_merge_strategy_matches_reference():
-    model = tiny_bert()
-    inputs = bert_inputs()
-    (out,), _ = run_zc(model, inputs, {"token_skip": {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge"},
-                                        "strict": True})
-    handles = with_skip_hooks(model, model.encoder.layer, 1, 0.5, strategy="merge")
+def with_merge_hooks(layers, stages, matching="bipartite"):
+    """Eager ``layers`` where, before the block after each ``(K, keep)`` stage, every token's
+    state is replaced by its merged group's state, and all tokens run on.
+
+    Attention over ``size`` identical copies of a merged token is exactly attention over that
+    token with ``log(size)`` added to its logits, and a block's other ops work per token, so this
+    is an independent reference for proportional attention (and for merging at several blocks):
+    the rewritten graph runs each group once with the bias, this runs all copies with no bias.
+    """
+    state = {}
+    handles = []
+
+    def before(module, args, kwargs, keep):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, seq, _ = hidden.shape
+        if not state:
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            valid = key_valid_from_mask(mask) if mask is not None else None
+            state.update(positions=torch.arange(seq).expand(batch, seq), assign=torch.arange(seq).expand(batch, seq),
+                         sizes=initial_sizes(hidden, valid), valid=valid)
+        current = gather_tokens(hidden, state["positions"], [1])
+        if matching == "bipartite":
+            index, assign = bipartite_plan(current, state["sizes"], keep, False)
+        else:
+            valid = None if state["valid"] is None else gather_tokens(state["valid"], state["positions"], [1])
+            index = select_tokens(current, valid, keep, "similarity", 0, False)
+            assign = assign_to_kept(current, index)
+        merged = merge_tokens(current, state["sizes"], index, assign)
+        state["sizes"] = merged_sizes(state["sizes"], assign, keep)
+        state["positions"] = gather_tokens(state["positions"], index, [1])
+        state["assign"] = torch.gather(assign, 1, state["assign"])
+        hidden = unmerge_tokens(state["assign"], merged)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    for start, keep in stages:
+        handles.append(layers[start + 1].register_forward_pre_hook(
+            lambda m, a, k, keep=keep: before(m, a, k, keep), with_kwargs=True))
+    return handles
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=4,
+                       num_attention_heads=2, intermediate_size=64)
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("case", ["bert schedule bipartite", "bert one-shot score", "vit schedule bipartite"])
+def test_merge_with_proportional_attention_matches_token_copies(case):
+    """Merging with proportional attention (the bias added to BERT's gathered padding mask, or
+    an ``attn_mask`` created for a ViT's SDPA, which had none) at one or several blocks equals the
+    eager model running every token on as a copy of its group's state."""
+    if case.startswith("bert"):
+        model, inputs = tiny_bert(), bert_inputs()
+        layers, seq = model.encoder.layer, 20
+    else:
+        model, inputs = tiny_vit(), {"pixel_values": torch.randn(2, 1, 16, 16)}
+        layers, seq = model.layers, 17
+    if "schedule" in case:
+        schedule = [1.0, 0.75, 0.5, 0.3]
+        options = {"schedule": schedule, "strategy": "merge"}
+        stages = [(i - 1, math.ceil(r * seq)) for i, r in enumerate(schedule) if i and r < schedule[i - 1]]
+    else:
+        options = {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge", "matching": "score"}
+        stages = [(1, math.ceil(0.5 * seq))]
+    (out,), _ = run_zc(model, inputs, {"token_skip": options, "strict": True})
+    handles = with_merge_hooks(layers, stages, "score" if "score" in case else "bipartite")
     with torch.no_grad():
         expected = model(**inputs)
     for h in handles:
         h.remove()
+    with torch.no_grad():
+        full = model(**inputs)
+    assert out.last_hidden_state.shape == full.last_hidden_state.shape
     torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out.last_hidden_state, full.last_hidden_state, atol=1e-3)
+    if case != "vit schedule bipartite":
+        return
+    # Without the bias the rewritten graph no longer matches the copies.
+    torch._dynamo.reset()
+    (plain,), _ = run_zc(model, inputs, {"token_skip": {**options, "proportional_attention": False}, "strict": True})
+    assert not torch.allclose(plain.last_hidden_state, expected.last_hidden_state, atol=1e-3)
 
 
 def test_keep_ratio_one_and_short_sequences_run_the_original_graph():

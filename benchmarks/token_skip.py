@@ -122,14 +122,16 @@ def minilm(quick: bool) -> dict[str, Any]:
             "128..512 padded": passages(tokenizer, count, 512, padded=True)}
     configs = {
         "zc skip K=1 r=0.5": {"start_layer": 1, "keep_ratio": 0.5},
+        "zc merge K=1 r=0.5 score, no prop. attn": {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge",
+                                                    "matching": "score", "proportional_attention": False},
         "zc merge K=1 r=0.5": {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge"},
-        "zc merge K=2 r=0.5": {"start_layer": 2, "keep_ratio": 0.5, "strategy": "merge"},
-        "zc merge K=2 r=0.7": {"start_layer": 2, "keep_ratio": 0.7, "strategy": "merge"},
-        "zc merge K=2 r=0.5 dissimilarity": {"start_layer": 2, "keep_ratio": 0.5, "strategy": "merge",
-                                             "score": "dissimilarity"},
+        "zc merge 512>448>384>320>256>192": {"strategy": "merge", "schedule": (1, .875, .75, .625, .5, .375)},
+        "zc merge 512>448>384>320>256>160": {"strategy": "merge", "schedule": (1, .875, .75, .625, .5, .3125)},
+        "zc merge 512>432>352>288>224>160": {"strategy": "merge", "schedule": (1, .84375, .6875, .5625, .4375, .3125)},
+        "zc merge 512>512>384>256>192>128": {"strategy": "merge", "schedule": (1, 1, .75, .5, .375, .25)},
     }
     if quick:
-        configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc merge K=2 r=0.5")}
+        configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc merge 512>448>384>320>256>192")}
     timed = sets["full 512"][0]
     with torch.no_grad():
         variants, compile_s, reports = compile_variants(model, {"inductor fp32": None, **configs}, timed)
@@ -162,14 +164,15 @@ def vit(quick: bool) -> dict[str, Any]:
     batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
     labels = labels[: len(batches) * batch]
     configs = {
-        "zc skip K=1 r=0.5": {"start_layer": 1, "keep_ratio": 0.5},
         "zc skip K=1 r=0.5 dissimilarity": {"start_layer": 1, "keep_ratio": 0.5, "score": "dissimilarity"},
-        "zc skip K=1 r=0.35 dissimilarity": {"start_layer": 1, "keep_ratio": 0.35, "score": "dissimilarity"},
         "zc skip K=0 r=0.5 norm": {"start_layer": 0, "keep_ratio": 0.5, "score": "norm"},
-        "zc merge K=0 r=0.35": {"start_layer": 0, "keep_ratio": 0.35, "strategy": "merge"},
+        "zc merge K=0 r=0.5": {"start_layer": 0, "keep_ratio": 0.5, "strategy": "merge"},
+        "zc merge 65>44>33>24": {"strategy": "merge", "schedule": (1, .675, .5, .365)},
+        "zc merge 65>39>30>22": {"strategy": "merge", "schedule": (1, .6, .45, .33)},
+        "zc merge 65>33>25>17": {"strategy": "merge", "schedule": (1, .5, .375, .25)},
     }
     if quick:
-        configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc skip K=1 r=0.5 dissimilarity")}
+        configs = {k: v for k, v in configs.items() if k in ("zc skip K=0 r=0.5 norm", "zc merge 65>44>33>24")}
     with torch.no_grad():
         variants, compile_s, reports = compile_variants(model, {"inductor fp32": None, **configs},
                                                         {"pixel_values": batches[0]})

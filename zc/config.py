@@ -126,6 +126,12 @@ class TokenSkipConfig(PassConfig):
     into its most similar kept one). Merged states are averages weighted by how many tokens each
     stands for. ``proportional_attention`` (merge): ``log(size)`` of each merged token is added to
     the attention logits of its key, so it weighs as much as the tokens it stands for.
+
+    ``max_error``: the schedule is chosen instead (``start_layer`` / ``keep_ratio`` are then unused;
+    ``strategy``, ``matching``, ``score`` still apply): the first ``calibration_calls`` calls run
+    the full graph eagerly, candidate schedules run eagerly on those inputs, and the one keeping
+    the fewest tokens through the blocks whose outputs stay within ``max_error`` of the full
+    model's (1 - cosine similarity per sample, worst case) is compiled and reported.
     """
 
     start_layer: int = 1
@@ -138,6 +144,8 @@ class TokenSkipConfig(PassConfig):
     schedule: tuple[float, ...] | None = None
     matching: str = "bipartite"
     proportional_attention: bool = True
+    max_error: float | None = None
+    calibration_calls: int = 2
 
     shorthand: ClassVar[str | None] = "keep_ratio"
 
@@ -161,6 +169,14 @@ class TokenSkipConfig(PassConfig):
         if self.anchor not in TOKEN_SKIP_ANCHORS:
             raise ValueError(f"zc: option 'token_skip.anchor' must be one of {', '.join(TOKEN_SKIP_ANCHORS)}; "
                              f"got {self.anchor!r}")
+        if self.max_error is not None and not 0.0 < self.max_error < 1.0:
+            raise ValueError(f"zc: option 'token_skip.max_error' must be in (0, 1) (1 - cosine similarity); "
+                             f"got {self.max_error}")
+        if self.max_error is not None and self.withdraw_start is not None:
+            raise ValueError("zc: option 'token_skip.max_error' does not go with 'withdraw_start' / 'withdraw_end' "
+                             "(the withdrawn span is fixed)")
+        if self.calibration_calls < 1:
+            raise ValueError(f"zc: option 'token_skip.calibration_calls' must be >= 1; got {self.calibration_calls}")
         if self.matching not in TOKEN_SKIP_MATCHINGS:
             raise ValueError(f"zc: option 'token_skip.matching' must be one of {', '.join(TOKEN_SKIP_MATCHINGS)}; "
                              f"got {self.matching!r}")
@@ -170,8 +186,9 @@ class TokenSkipConfig(PassConfig):
                     or any(b > a for a, b in zip(ratios, ratios[1:]))):
                 raise ValueError("zc: option 'token_skip.schedule' must be the keep ratio of every block, in (0, 1], "
                                  f"non-increasing, the first block's 1.0; got {ratios}")
-            if self.withdraw_start is not None:
-                raise ValueError("zc: option 'token_skip.schedule' does not go with 'withdraw_start' / 'withdraw_end' "
+            if self.withdraw_start is not None or self.max_error is not None:
+                raise ValueError("zc: option 'token_skip.schedule' does not go with 'max_error' (which picks it) or "
+                                 "'withdraw_start' / 'withdraw_end' "
                                  "(the withdrawn span says which tokens leave)")
 
 

@@ -338,3 +338,66 @@ def test_real_minilm_embeddings_stay_close():
     assert bool((cosines["merge"] > 0.9).all()), cosines
     assert bool((cosines["skip"] > 0.45).all()), cosines
     assert bool((cosines["merge"] > cosines["skip"]).all()), cosines
+
+
+def test_max_error_picks_a_schedule_within_the_budget_from_calibration_calls():
+    from zc.fx_passes.token_skip import output_error
+
+    model = tiny_bert()
+    gm, example = capture_graph(model, **bert_inputs())
+
+    def prepared(max_error, calls):
+        report = PassReport("token_skip")
+        config = ZcConfig.from_options({"token_skip": {"strategy": "merge", "max_error": max_error,
+                                                       "calibration_calls": calls}}, environ={}).token_skip
+        # compile_rest is the identity here: the chosen graph runs eagerly (see the slow test for Inductor)
+        return token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None), report
+
+    # random weights: the tiny model's outputs move this much with one merge at ratio 0.5
+    executor, report = prepared(0.2, 1)
+    with torch.no_grad():
+        full = gm(*example)
+        during = executor(*example)
+        after = executor(*example)
+    torch.testing.assert_close(during, full)  # the calibration call runs the full graph
+    chosen = report.metrics["calibration"]
+    assert report.status == "applied" and chosen["schedule"] is not None, report
+    assert chosen["error"] <= 0.2 and chosen["candidates_run"] >= 2, chosen
+    assert report.metrics["block_token_fraction"] < 1.0 and report.rewrites
+    assert output_error(after, full) <= 0.2 + 1e-5
+    assert not torch.allclose(after[0], full[0], atol=1e-3)
+
+    # a budget no candidate meets: the full graph runs, and the report says why
+    executor, report = prepared(1e-6, 1)
+    with torch.no_grad():
+        executor(*example)
+        torch.testing.assert_close(executor(*example), full)
+    assert report.status == "unchanged" and "no candidate schedule" in report.skips[-1]["reason"], report
+
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="token_skip.max_error"):
+            ZcConfig.from_options({"token_skip": {"max_error": bad}}, environ={})
+    with pytest.raises(ValueError, match="token_skip.schedule"):
+        ZcConfig.from_options({"token_skip": {"max_error": 0.1, "schedule": [1, 0.5, 0.5, 0.5]}}, environ={})
+
+
+@pytest.mark.slow
+def test_max_error_through_torch_compile(tmp_path):
+    from zc.dump import load_report
+    from zc.fx_passes.token_skip import output_error
+
+    model = tiny_bert()
+    calibration = [bert_inputs() for _ in range(2)]
+    options = {"token_skip": {"strategy": "merge", "max_error": 0.2, "calibration_calls": 2},
+               "strict": True, "dump": str(tmp_path)}
+    compiled = torch.compile(model, backend="zc", options=options, fullgraph=True)
+    with torch.no_grad():
+        full = [model(**inputs).last_hidden_state for inputs in calibration]
+        during = [compiled(**inputs).last_hidden_state for inputs in calibration]
+        after = [compiled(**inputs).last_hidden_state for inputs in calibration]
+    for got, expected in zip(during, full):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    report = next(p for p in load_report(next(tmp_path.iterdir()))["graph_passes"] if p["name"] == "token_skip")
+    assert report["status"] == "applied" and report["metrics"]["calibration"]["error"] <= 0.2, report
+    for got, expected in zip(after, full):
+        assert output_error(got, expected) <= 0.2 + 1e-4

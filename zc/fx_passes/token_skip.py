@@ -36,6 +36,7 @@ import dataclasses
 import math
 import operator
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -715,6 +716,14 @@ def _anchor(gm: torch.fx.GraphModule, region: list[torch.fx.Node], config: Token
     return 0
 
 
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy sharing the example values (fake tensors of Dynamo's fake mode), which the rewrite
+    replaces rather than mutates; a deep copy would give them a fake mode of their own."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
 def prepare(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -723,13 +732,13 @@ def prepare(
     report: PassReport,
     on_rewritten: Callable[[torch.fx.GraphModule], None],
 ) -> Callable[..., Any] | None:
-    """The compiled graph with token skipping, or ``None`` (graph compiles unchanged) with the reason."""
-    # A copy sharing the example values (fake tensors of Dynamo's fake mode), which the rewrite
-    # replaces rather than mutates; a deep copy would give them a fake mode of their own.
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    rewritten = torch.fx.GraphModule(gm, graph)
+    """The compiled graph with token skipping, or ``None`` (graph compiles unchanged) with the
+    reason; with ``max_error``, an executor that calibrates the schedule on its first calls."""
+    rewritten = _copy(gm)
     try:
+        if config.max_error is not None:
+            block_stack(gm)  # a graph without blocks steps aside now, not after calibrating
+            return _calibrating(gm, example_inputs, config, compile_rest, report, on_rewritten)
         rewrite(rewritten, example_inputs, config, report)
     except _Unchanged as reason:
         report.status = "unchanged"
@@ -741,3 +750,134 @@ def prepare(
         return None
     on_rewritten(rewritten)
     return compile_rest(rewritten)
+
+
+# --- max_error: the schedule picked from calibration calls -----------------------------------
+
+CANDIDATE_FINAL_RATIOS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def candidate_families(blocks: int) -> list[list[tuple[float, ...]]]:
+    """Schedules ``max_error`` chooses from, in families ordered from the fewest tokens kept
+    (the error grows along a family as its last ratio shrinks, so a family is bisected): for each
+    block ``s`` that is the last to run on every token, either one drop to the last ratio after
+    it, or a linear decrease from 1 to the last ratio over the remaining blocks."""
+    families = []
+    for last_full in range(blocks - 1):
+        steps = blocks - 1 - last_full
+        shapes = [lambda f: (f,) * steps]
+        if steps > 1:
+            shapes.append(lambda f: tuple(1 - (1 - f) * (j + 1) / steps for j in range(steps)))
+        for shape in shapes:
+            families.append([(1.0,) * (last_full + 1) + shape(f) for f in CANDIDATE_FINAL_RATIOS])
+    return families
+
+
+def output_error(outputs: Any, reference: Any) -> float:
+    """1 - the cosine similarity of each sample's output (a row of the batch dim, flattened) to
+    the full model's, worst over the samples and floating-point outputs."""
+    worst = 0.0
+    flat, _ = torch.utils._pytree.tree_flatten(outputs)
+    expected, _ = torch.utils._pytree.tree_flatten(reference)
+    for out, ref in zip(flat, expected):
+        if not isinstance(ref, torch.Tensor) or not ref.is_floating_point() or ref.numel() == 0:
+            continue
+        rows = ref.shape[0] if ref.dim() > 1 else 1
+        cos = F.cosine_similarity(out.reshape(rows, -1).double(), ref.reshape(rows, -1).double(), dim=1)
+        error = 1.0 - float(cos.min())
+        worst = max(worst, error if math.isfinite(error) else math.inf)
+    return worst
+
+
+def choose_schedule(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: TokenSkipConfig,
+    samples: Sequence[tuple[Sequence[Any], Any]],
+) -> tuple[tuple[float, ...] | None, float, int]:
+    """The candidate schedule with the fewest block-token steps whose ``output_error`` on the
+    calibration ``samples`` (inputs, full outputs) is within ``max_error``: ``(schedule or None,
+    its error, candidates run)``. Candidates run eagerly (the FX graph, no Inductor compile)."""
+    blocks = len(set(block_stack(gm)[1].values()))
+    errors: dict[tuple[float, ...], float] = {}
+    no_gain: set[tuple[float, ...]] = set()  # ratios so close to 1 that every block keeps all tokens
+
+    def error_of(schedule: tuple[float, ...]) -> float:
+        if schedule not in errors:
+            graph = _copy(gm)
+            try:
+                rewrite(graph, example_inputs, dataclasses.replace(config, schedule=schedule, max_error=None),
+                        PassReport("token_skip"))
+            except _Unchanged:
+                errors[schedule] = 0.0
+                no_gain.add(schedule)
+            else:
+                errors[schedule] = max(output_error(graph(*inputs), outputs) for inputs, outputs in samples)
+        return errors[schedule]
+
+    best: tuple[float, ...] | None = None
+    for family in candidate_families(blocks):
+        # the cheapest schedule of the family within the budget, among those cheaper than the best so far
+        cheaper = [s for s in family if best is None or sum(s) < sum(best)]
+        low, high = 0, len(cheaper)
+        while low < high:
+            middle = (low + high) // 2
+            if error_of(cheaper[middle]) <= config.max_error:
+                high = middle
+            else:
+                low = middle + 1
+        if low < len(cheaper) and cheaper[low] not in no_gain:
+            best = cheaper[low]
+    tried = [e for s, e in errors.items() if s not in no_gain]
+    return best, (errors[best] if best is not None else min(tried, default=0.0)), len(errors)
+
+
+def _calibrating(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: TokenSkipConfig,
+    compile_rest: Callable[..., Callable[..., Any]],
+    report: PassReport,
+    on_rewritten: Callable[[torch.fx.GraphModule], None],
+) -> Callable[..., Any]:
+    """The first ``calibration_calls`` calls run the full graph eagerly and keep their inputs and
+    outputs; then the schedule is chosen on them and compiled once for every later call."""
+    from zc.runtime import Phase, PhasedExecutor
+
+    samples: list[tuple[list[Any], Any]] = []
+    chosen: dict[str, Any] = {}
+    report.metrics["calibration"] = f"the first {config.calibration_calls} calls run the full graph to pick the schedule"
+
+    def record(*args: Any) -> Any:
+        outputs = gm(*args)
+        kept = [a.clone() if isinstance(a, torch.Tensor) and not is_weight_input(a) else a for a in args]
+        samples.append((kept, torch.utils._pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, outputs)))
+        return outputs
+
+    def choose() -> None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            schedule, error, runs = choose_schedule(gm, example_inputs, config, samples)
+        chosen["schedule"] = schedule
+        report.metrics["calibration"] = {
+            "max_error": config.max_error, "schedule": schedule, "error": error, "candidates_run": runs,
+            "calls": len(samples), "seconds": time.perf_counter() - start,
+            "error_measure": "1 - cosine similarity of each sample's outputs to the full model's, worst case"}
+        samples.clear()
+
+    def build() -> Callable[..., Any]:
+        if chosen["schedule"] is None:
+            report.status = "unchanged"
+            report.skipped("graph", f"no candidate schedule keeps the output error within max_error "
+                                    f"{config.max_error} on the calibration calls "
+                                    f"(least: {report.metrics['calibration']['error']:.3g}); the graph runs unchanged")
+            on_rewritten(gm)
+            return compile_rest(gm)
+        graph = _copy(gm)
+        rewrite(graph, example_inputs, dataclasses.replace(config, schedule=chosen["schedule"], max_error=None), report)
+        on_rewritten(graph)
+        return compile_rest(graph)
+
+    return PhasedExecutor([Phase("calibrate", lambda: record, calls=config.calibration_calls, on_end=choose),
+                           Phase("run", build)])

@@ -225,6 +225,43 @@ def test_merge_with_proportional_attention_matches_token_copies(case):
     assert not torch.allclose(plain.last_hidden_state, expected.last_hidden_state, atol=1e-3)
 
 
+def test_skip_schedule_matches_nested_hand_written_reference():
+    """Tokens leave at several blocks: each stage selects among the tokens still running, the
+    mask is gathered by their original positions, and the outputs are scattered back in turn."""
+    model, inputs = tiny_bert(), bert_inputs()
+    layers, stages = model.encoder.layer, {0: 15, 1: 10}  # schedule (1, .75, .5, .5) on 20 tokens
+    (out,), _ = run_zc(model, inputs, {"token_skip": {"schedule": [1, 0.75, 0.5, 0.5]}, "strict": True})
+    state = {"left": []}
+
+    def before(module, args, kwargs, block):
+        hidden, mask, *rest = args
+        if "mask" not in state:
+            state.update(mask=mask, valid=key_valid_from_mask(mask), positions=torch.arange(20).expand(2, 20))
+        if block - 1 in stages:
+            index = select_tokens(hidden, state["valid"], stages[block - 1], "similarity", 0, False)
+            state["left"].append((hidden, index))
+            state["valid"] = gather_tokens(state["valid"], index, [1])
+            state["positions"] = gather_tokens(state["positions"], index, [1])
+            hidden = gather_tokens(hidden, index, [1])
+        return (hidden, gather_tokens(state["mask"], state["positions"], [2, 3]), *rest), kwargs
+
+    def after(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        for base, index in reversed(state["left"]):
+            hidden = scatter_tokens(base, index, hidden)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handles = [layers[i].register_forward_pre_hook(lambda m, a, k, i=i: before(m, a, k, i), with_kwargs=True)
+               for i in range(1, 4)]
+    handles.append(layers[-1].register_forward_hook(after))
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    assert [index.shape[1] for _, index in state["left"]] == [15, 10]
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
 def test_keep_ratio_one_and_short_sequences_run_the_original_graph():
     model = tiny_bert()
     inputs = bert_inputs()

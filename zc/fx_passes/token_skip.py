@@ -26,6 +26,18 @@ where ``node.meta["nn_module_stack"]`` says which module each op came from:
    keep their block-K state, so every output keeps its shape (mean pooling, per-token heads and
    LM logits keep working).
 
+**Merge** (``strategy="merge"``, ToMe): instead of leaving, tokens merge into similar ones (by
+default ToMe's bipartite soft matching on the hidden states); a merged token's state is the
+size-weighted mean of its group, ``log(size)`` is added to the attention logits of its key
+(proportional attention: folded into the gathered attention mask, or given to SDPA as its
+``attn_mask`` when the model has none), and at the end every token takes its group's output.
+
+**Schedule.** Tokens may leave or merge at several blocks (``schedule``: a keep ratio per block):
+each drop is one stage, rewritten in turn on the graph the stage before left; a stage gathers
+masks and rotary tables from the original inputs by the original positions of the tokens still
+running, and its scatter / unmerge nests inside the one before. ``max_error`` picks the schedule
+from calibration calls (:func:`choose_schedule`).
+
 Everything happens inside the one graph handed on to Inductor: the top-k, gathers and scatter
 are ATen ops Inductor fuses into its kernels (indirect loads / stores), not a Python loop.
 """

@@ -116,6 +116,8 @@ class TokenSkipConfig(PassConfig):
     at the end). ``withdraw_start`` / ``withdraw_end``: instead of scoring, the
     tokens at positions ``[withdraw_start, withdraw_end)`` are withdrawn after block
     ``start_layer`` (VTW: the image tokens of a multimodal LLM); ``keep_ratio`` is then unused.
+    ``withdraw_token_id``: the same for the tokens whose input id is this one (the image token id);
+    their number is read from the example and compiled in (another number fails at run time).
 
     ``schedule``: instead of ``start_layer`` / ``keep_ratio``, the fraction of the tokens each block
     runs on, one per block, non-increasing, the first 1 (``(1, .875, .75, .625, .5, .375)``): tokens
@@ -141,6 +143,7 @@ class TokenSkipConfig(PassConfig):
     anchor: str = "auto"
     withdraw_start: int | None = None
     withdraw_end: int | None = None
+    withdraw_token_id: int | None = None
     schedule: tuple[float, ...] | None = None
     matching: str = "bipartite"
     proportional_attention: bool = True
@@ -172,7 +175,10 @@ class TokenSkipConfig(PassConfig):
         if self.max_error is not None and not 0.0 < self.max_error < 1.0:
             raise ValueError(f"zc: option 'token_skip.max_error' must be in (0, 1) (1 - cosine similarity); "
                              f"got {self.max_error}")
-        if self.max_error is not None and self.withdraw_start is not None:
+        if self.withdraw_token_id is not None and self.withdraw_start is not None:
+            raise ValueError("zc: option 'token_skip.withdraw_token_id' does not go with 'withdraw_start' / "
+                             "'withdraw_end': withdraw the tokens of an id or of a span")
+        if self.max_error is not None and (self.withdraw_start is not None or self.withdraw_token_id is not None):
             raise ValueError("zc: option 'token_skip.max_error' does not go with 'withdraw_start' / 'withdraw_end' "
                              "(the withdrawn span is fixed)")
         if self.calibration_calls < 1:
@@ -186,9 +192,9 @@ class TokenSkipConfig(PassConfig):
                     or any(b > a for a, b in zip(ratios, ratios[1:]))):
                 raise ValueError("zc: option 'token_skip.schedule' must be the keep ratio of every block, in (0, 1], "
                                  f"non-increasing, the first block's 1.0; got {ratios}")
-            if self.withdraw_start is not None or self.max_error is not None:
+            if self.withdraw_start is not None or self.withdraw_token_id is not None or self.max_error is not None:
                 raise ValueError("zc: option 'token_skip.schedule' does not go with 'max_error' (which picks it) or "
-                                 "'withdraw_start' / 'withdraw_end' "
+                                 "'withdraw_start' / 'withdraw_end' / 'withdraw_token_id' "
                                  "(the withdrawn span says which tokens leave)")
 
 

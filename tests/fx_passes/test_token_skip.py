@@ -312,6 +312,36 @@ def test_vision_token_withdrawal_drops_a_span_after_block_k():
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
 
 
+def test_vision_token_withdrawal_finds_the_span_from_the_image_token_id():
+    model = tiny_llama()
+    ids = torch.randint(0, 120, (2, 24))
+    ids[:, 4:16] = 127  # the "image tokens"
+    inputs = {"input_ids": ids, "use_cache": False}
+    options = {"token_skip": {"start_layer": 1, "withdraw_token_id": 127}, "strict": True}
+    compiled = torch.compile(model, backend="zc", options=options, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(**inputs)
+    handles = with_skip_hooks(model, model.model.layers, 1, None, anchor=-1, span=(4, 16))
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    # the image tokens may move, their number may not: it is compiled into the shapes
+    moved = torch.randint(0, 120, (2, 24))
+    moved[:, 8:20] = 127
+    handles = with_skip_hooks(model, model.model.layers, 1, None, anchor=-1, span=(8, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=moved, use_cache=False).logits,
+                                   model(input_ids=moved, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    for h in handles:
+        h.remove()
+    fewer = moved.clone()
+    fewer[:, 8] = 3
+    with torch.no_grad(), pytest.raises(RuntimeError, match="withdraw_token_id"):
+        compiled(input_ids=fewer, use_cache=False)
+
+
 def test_generated_code_gathers_and_scatters_inside_the_compiled_graph():
     model = tiny_bert()
     inputs = bert_inputs()
@@ -330,7 +360,8 @@ def test_bad_options_and_graphs_without_blocks():
     for bad, match in (({"keep_ratio": 0.0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"),
                        ({"start_layer": -1}, "start_layer"), ({"score": "attention"}, "token_skip.score"),
                        ({"strategy": "drop"}, "token_skip.strategy"), ({"withdraw_start": 3}, "go together"),
-                       ({"withdraw_start": 5, "withdraw_end": 5}, "withdraw_start")):
+                       ({"withdraw_start": 5, "withdraw_end": 5}, "withdraw_start"),
+                       ({"withdraw_token_id": 7, "withdraw_start": 1, "withdraw_end": 3}, "withdraw_token_id")):
         with pytest.raises(ValueError, match=match):
             ZcConfig.from_options({"token_skip": bad}, environ={})
     model = tiny_bert()

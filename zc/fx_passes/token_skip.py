@@ -114,6 +114,19 @@ def outside_span(hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return kept.unsqueeze(0).expand(hidden.shape[0], -1)
 
 
+def outside_token_id(ids: torch.Tensor, token_id: int, withdrawn: int) -> torch.Tensor:
+    """Indices ``[B, S - withdrawn]`` (ascending) of the tokens whose id is not ``token_id`` (VTW:
+    the image tokens of a multimodal LLM). Every row must hold ``withdrawn`` of them, as the
+    example did: the count is part of the compiled shapes, so another count fails loudly."""
+    count = ids.shape[1]
+    positions = torch.arange(count, device=ids.device)
+    is_withdrawn = ids == token_id
+    torch._assert_async((is_withdrawn.sum(dim=1) == withdrawn).all(),
+                        "zc token_skip: the number of tokens with withdraw_token_id differs from the one compiled for")
+    order = torch.where(is_withdrawn, positions + count, positions)
+    return torch.sort(order, dim=1).values[:, : count - withdrawn]
+
+
 def key_valid_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """``[B, S]``: which key positions the last query row of a 4-D attention mask may attend."""
     row = mask[:, 0, -1, :]
@@ -414,7 +427,8 @@ def _check_shape(node: torch.fx.Node, old: torch.Size, new: torch.Size, seq: int
 def stage_plan(config: TokenSkipConfig, blocks: int, prefix: str) -> list[tuple[int, float]]:
     """``(block K, fraction of the tokens that run the blocks after K)`` at each block where the
     token count drops: one point for ``start_layer`` / ``keep_ratio``, several for a ``schedule``."""
-    if config.schedule is not None and config.withdraw_start is None:
+    withdrawing = config.withdraw_start is not None or config.withdraw_token_id is not None
+    if config.schedule is not None and not withdrawing:
         if len(config.schedule) != blocks:
             raise ValueError(
                 f"zc: option 'token_skip.schedule' needs one keep ratio per block: this model has {blocks} "
@@ -427,7 +441,7 @@ def stage_plan(config: TokenSkipConfig, blocks: int, prefix: str) -> list[tuple[
                 f"{blocks} blocks ('{prefix}'), so that at least one block runs on fewer tokens; "
                 f"got {config.start_layer}"
             )
-        if config.withdraw_start is not None:  # the span, not a ratio, says how many tokens go on
+        if withdrawing:  # the span or the token id, not a ratio, says which tokens go on
             return [(config.start_layer, 0.0)]
         fractions = (1.0,) * (config.start_layer + 1) + (config.keep_ratio,) * (blocks - config.start_layer - 1)
     return [(i - 1, f) for i, f in enumerate(fractions) if i > 0 and f < fractions[i - 1]]
@@ -474,7 +488,7 @@ def rewrite(
     tokens = _Tokens()
     stages = []
     for start, fraction in plan:
-        stage = _rewrite_stage(gm, block_of, start, fraction, config, tokens, weights)
+        stage = _rewrite_stage(gm, example_inputs, block_of, start, fraction, config, tokens, weights)
         if stage is not None:
             stages.append(stage)
     gm.graph.lint()
@@ -485,6 +499,7 @@ def rewrite(
     report.metrics.update(tokens=tokens.seq, kept_tokens=stages[-1][1], start_layer=stages[0][0],
                           tokens_per_block=counts, block_token_fraction=sum(counts) / (tokens.seq * len(blocks)))
     what = ("withdrawn span" if config.withdraw_start is not None else
+            f"withdrawn tokens with id {config.withdraw_token_id}" if config.withdraw_token_id is not None else
             f"bipartite matching{', proportional attention' if config.proportional_attention else ''}"
             if config.strategy == "merge" and config.matching == "bipartite" else f"score {config.score}")
     report.rewrote(
@@ -501,6 +516,7 @@ def rewrite(
 
 def _rewrite_stage(
     gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
     block_of: dict[torch.fx.Node, int],
     start: int,
     fraction: float,
@@ -542,6 +558,17 @@ def _rewrite_stage(
         keep = count - max(0, span[1] - span[0])
         if keep >= count:
             raise _Unchanged(f"the withdrawn span starts at {span[0]}, past the {count} tokens: the graph runs unchanged")
+    elif config.withdraw_token_id is not None:
+        ids_node, ids = _token_ids(gm, example_inputs, batch, count)
+        counts = (ids == config.withdraw_token_id).sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise SkipGraph(f"the rows of the batch hold {counts.tolist()} tokens with withdraw_token_id "
+                            f"{config.withdraw_token_id}; token_skip needs one count (static shapes)")
+        keep = count - int(counts[0])
+        if keep >= count:
+            raise _Unchanged(f"no token has withdraw_token_id {config.withdraw_token_id}: the graph runs unchanged")
+        if keep < 1:
+            raise SkipGraph(f"every token has withdraw_token_id {config.withdraw_token_id}")
     else:
         keep = max(1, math.ceil(fraction * tokens.seq))
         if keep >= count:
@@ -589,6 +616,8 @@ def _rewrite_stage(
             valid, sizes = tokens.valid, tokens.sizes
         if config.withdraw_start is not None:
             index = _add(graph, outside_span, hidden_node, *span)
+        elif config.withdraw_token_id is not None:
+            index = _add(graph, outside_token_id, ids_node, config.withdraw_token_id, count - keep)
         elif merging and config.matching == "bipartite":
             plan = _add(graph, bipartite_plan, hidden_node, sizes, keep, anchor == -1)
             index = _add(graph, operator.getitem, plan, 0)
@@ -699,6 +728,21 @@ def _is_mask_of_attention(user: torch.fx.Node, mask: torch.fx.Node) -> bool:
             # eager attention adds the mask to the scores before a softmax
             return node.target in (operator.add, torch.add)
     return False
+
+
+def _token_ids(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], batch: int, count: int
+) -> tuple[torch.fx.Node, torch.Tensor]:
+    """The graph input holding the token ids (the one integer ``[batch, tokens]`` input) and its
+    example value."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = [(n, x) for n, x in zip(placeholders, example_inputs)
+             if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool
+             and tuple(x.shape) == (batch, count)] if len(placeholders) == len(example_inputs) else []
+    if len(found) != 1:
+        raise SkipGraph(f"withdraw_token_id needs the token ids: found {len(found)} integer inputs of shape "
+                        f"({batch}, {count}) instead of one")
+    return found[0]
 
 
 def _weight_nodes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> set[torch.fx.Node]:

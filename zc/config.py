@@ -98,6 +98,7 @@ TOKEN_SKIP_STRATEGIES = ("skip", "merge")
 TOKEN_SKIP_SCORES = ("similarity", "dissimilarity", "norm")
 TOKEN_SKIP_ANCHORS = ("auto", "first", "last")
 TOKEN_SKIP_MATCHINGS = ("bipartite", "score")
+TOKEN_SKIP_ERROR_MEASURES = ("outputs", "token_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,9 @@ class TokenSkipConfig(PassConfig):
     the full graph eagerly, candidate schedules run eagerly on those inputs, and the one keeping
     the fewest tokens through the blocks whose outputs stay within ``max_error`` of the full
     model's (1 - cosine similarity per sample, worst case) is compiled and reported.
+    ``error_measure``: ``outputs`` compares every output whole (each token's state, logits);
+    ``token_mean`` first averages ``[batch, tokens, dim]`` outputs over their tokens (for
+    mean-pooled embeddings: far less strict).
     """
 
     start_layer: int = 1
@@ -149,6 +153,7 @@ class TokenSkipConfig(PassConfig):
     proportional_attention: bool = True
     max_error: float | None = None
     calibration_calls: int = 2
+    error_measure: str = "outputs"
 
     shorthand: ClassVar[str | None] = "keep_ratio"
 
@@ -181,6 +186,9 @@ class TokenSkipConfig(PassConfig):
         if self.max_error is not None and (self.withdraw_start is not None or self.withdraw_token_id is not None):
             raise ValueError("zc: option 'token_skip.max_error' does not go with 'withdraw_start' / 'withdraw_end' "
                              "(the withdrawn span is fixed)")
+        if self.error_measure not in TOKEN_SKIP_ERROR_MEASURES:
+            raise ValueError(f"zc: option 'token_skip.error_measure' must be one of "
+                             f"{', '.join(TOKEN_SKIP_ERROR_MEASURES)}; got {self.error_measure!r}")
         if self.calibration_calls < 1:
             raise ValueError(f"zc: option 'token_skip.calibration_calls' must be >= 1; got {self.calibration_calls}")
         if self.matching not in TOKEN_SKIP_MATCHINGS:

@@ -414,10 +414,10 @@ def test_max_error_picks_a_schedule_within_the_budget_from_calibration_calls():
     model = tiny_bert()
     gm, example = capture_graph(model, **bert_inputs())
 
-    def prepared(max_error, calls):
+    def prepared(max_error, calls, measure="outputs"):
         report = PassReport("token_skip")
-        config = ZcConfig.from_options({"token_skip": {"strategy": "merge", "max_error": max_error,
-                                                       "calibration_calls": calls}}, environ={}).token_skip
+        config = ZcConfig.from_options({"token_skip": {"strategy": "merge", "max_error": max_error, "calibration_calls":
+                                                       calls, "error_measure": measure}}, environ={}).token_skip
         # compile_rest is the identity here: the chosen graph runs eagerly (see the slow test for Inductor)
         return token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None), report
 
@@ -442,6 +442,16 @@ def test_max_error_picks_a_schedule_within_the_budget_from_calibration_calls():
         torch.testing.assert_close(executor(*example), full)
     assert report.status == "unchanged" and "no candidate schedule" in report.skips[-1]["reason"], report
 
+    # the budget on the token-averaged outputs (pooled embeddings)
+    executor, report = prepared(0.2, 1, "token_mean")
+    with torch.no_grad():
+        executor(*example)
+        pooled = executor(*example)
+    assert report.status == "applied" and "token_mean" in report.metrics["calibration"]["error_measure"]
+    assert output_error(pooled, full, "token_mean") <= 0.2 + 1e-5
+
+    with pytest.raises(ValueError, match="token_skip.error_measure"):
+        ZcConfig.from_options({"token_skip": {"max_error": 0.1, "error_measure": "kl"}}, environ={})
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="token_skip.max_error"):
             ZcConfig.from_options({"token_skip": {"max_error": bad}}, environ={})

@@ -829,15 +829,18 @@ def candidate_families(blocks: int) -> list[list[tuple[float, ...]]]:
     return families
 
 
-def output_error(outputs: Any, reference: Any) -> float:
+def output_error(outputs: Any, reference: Any, measure: str = "outputs") -> float:
     """1 - the cosine similarity of each sample's output (a row of the batch dim, flattened) to
-    the full model's, worst over the samples and floating-point outputs."""
+    the full model's, worst over the samples and floating-point outputs. ``measure="token_mean"``
+    compares ``[batch, tokens, dim]`` outputs averaged over their tokens (pooled embeddings)."""
     worst = 0.0
     flat, _ = torch.utils._pytree.tree_flatten(outputs)
     expected, _ = torch.utils._pytree.tree_flatten(reference)
     for out, ref in zip(flat, expected):
         if not isinstance(ref, torch.Tensor) or not ref.is_floating_point() or ref.numel() == 0:
             continue
+        if measure == "token_mean" and ref.dim() == 3:
+            out, ref = out.mean(dim=1), ref.mean(dim=1)
         rows = ref.shape[0] if ref.dim() > 1 else 1
         cos = F.cosine_similarity(out.reshape(rows, -1).double(), ref.reshape(rows, -1).double(), dim=1)
         error = 1.0 - float(cos.min())
@@ -868,7 +871,8 @@ def choose_schedule(
                 errors[schedule] = 0.0
                 no_gain.add(schedule)
             else:
-                errors[schedule] = max(output_error(graph(*inputs), outputs) for inputs, outputs in samples)
+                errors[schedule] = max(output_error(graph(*inputs), outputs, config.error_measure)
+                                       for inputs, outputs in samples)
         return errors[schedule]
 
     best: tuple[float, ...] | None = None
@@ -919,7 +923,8 @@ def _calibrating(
         report.metrics["calibration"] = {
             "max_error": config.max_error, "schedule": schedule, "error": error, "candidates_run": runs,
             "calls": len(samples), "seconds": time.perf_counter() - start,
-            "error_measure": "1 - cosine similarity of each sample's outputs to the full model's, worst case"}
+            "error_measure": f"1 - cosine similarity of each sample's outputs to the full model's, worst case "
+                             f"({config.error_measure})"}
         samples.clear()
 
     def build() -> Callable[..., Any]:

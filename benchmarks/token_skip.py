@@ -138,6 +138,7 @@ def minilm(quick: bool) -> dict[str, Any]:
         "zc merge 512>464>400>320>240>160": {"strategy": "merge", "schedule": (1, .90625, .78125, .625, .46875, .3125)},
         "zc merge 512>448>352>288>224>160": {"strategy": "merge", "schedule": (1, .875, .6875, .5625, .4375, .3125)},
         "zc merge max_error 0.02": {"strategy": "merge", "max_error": 0.02},
+        "zc merge max_error 0.02 token_mean": {"strategy": "merge", "max_error": 0.02, "error_measure": "token_mean"},
     }
     if quick:
         configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc merge 512>448>384>320>256>192")}

@@ -191,7 +191,7 @@ def bipartite_plan(
     kept_positions = torch.arange(count, device=device).expand(batch, count)
     assign_total = kept_positions
     while count > keep:
-        a_count, b_count = (count + 1) // 2, count // 2
+        a_count = (count + 1) // 2
         protected = 1 + int(keep_last and (count - 1) % 2 == 0)
         remove = min(count - keep, max(1, a_count - protected))
         normed = F.normalize(metric, dim=-1)

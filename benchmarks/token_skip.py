@@ -92,6 +92,9 @@ def compile_variants(model, variants: dict[str, dict[str, Any] | None], first_in
     A ``max_error`` variant first calibrates on the ``calibration`` inputs (kept apart from the
     ones quality is measured on); its compile time includes the calibration."""
     compiled, compile_s, reports = {"eager fp32": model}, {}, {}
+    # every variant is another compile of the same forward: past Dynamo's recompile limit (8) it
+    # would silently run eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(variants) + 1)
     for name, options in variants.items():
         with fresh_cache():  # no Dynamo reset: it would drop the variants compiled before
             start = time.perf_counter()

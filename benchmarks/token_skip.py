@@ -60,10 +60,11 @@ def reference_manual_token_ids(tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def passages(tokenizer, count: int, length: int, padded: bool) -> list[dict[str, torch.Tensor]]:
+def passages(tokenizer, count: int, length: int, padded: bool, offset: int = 0) -> list[dict[str, torch.Tensor]]:
     """``count`` windows of real text as [CLS] ... [SEP] batches of 4, each ``length`` tokens
-    (``padded``: texts of 128..length tokens, spread evenly, padded to ``length``)."""
-    ids = reference_manual_token_ids(tokenizer)
+    (``padded``: texts of 128..length tokens, spread evenly, padded to ``length``), the first
+    starting ``offset`` tokens into the text."""
+    ids = reference_manual_token_ids(tokenizer)[offset:]
     stride = len(ids) // count
     rows, masks = [], []
     for i in range(count):
@@ -85,9 +86,15 @@ def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(dim=-1)
 
 
-def compile_variants(model, variants: dict[str, dict[str, Any] | None], first_inputs: dict) -> tuple[dict, dict, dict]:
-    """Each variant compiled (one cold compile, timed); zc's pass report for each zc variant."""
+def compile_variants(model, variants: dict[str, dict[str, Any] | None], first_inputs: dict,
+                     calibration: list[dict] = ()) -> tuple[dict, dict, dict]:
+    """Each variant compiled (one cold compile, timed); zc's pass report for each zc variant.
+    A ``max_error`` variant first calibrates on the ``calibration`` inputs (kept apart from the
+    ones quality is measured on); its compile time includes the calibration."""
     compiled, compile_s, reports = {"eager fp32": model}, {}, {}
+    # every variant is another compile of the same forward: past Dynamo's recompile limit (8) it
+    # would silently run eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(variants) + 1)
     for name, options in variants.items():
         with fresh_cache():  # no Dynamo reset: it would drop the variants compiled before
             start = time.perf_counter()
@@ -95,7 +102,12 @@ def compile_variants(model, variants: dict[str, dict[str, Any] | None], first_in
                 run = torch.compile(model, backend="inductor")
             else:
                 dump = Path(tempfile.mkdtemp(prefix="zc-token-skip-bench-"))
+                if options.get("max_error") is not None:
+                    options = {**options, "calibration_calls": len(calibration)}
                 run = torch.compile(model, backend="zc", options={"token_skip": options, "dump": str(dump)})
+                if options.get("max_error") is not None:
+                    for inputs in calibration:
+                        run(**inputs)
             run(**first_inputs)
             compile_s[name] = time.perf_counter() - start
         compiled[name] = run
@@ -122,17 +134,22 @@ def minilm(quick: bool) -> dict[str, Any]:
             "128..512 padded": passages(tokenizer, count, 512, padded=True)}
     configs = {
         "zc skip K=1 r=0.5": {"start_layer": 1, "keep_ratio": 0.5},
+        "zc merge K=1 r=0.5 score, no prop. attn": {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge",
+                                                    "matching": "score", "proportional_attention": False},
         "zc merge K=1 r=0.5": {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge"},
-        "zc merge K=2 r=0.5": {"start_layer": 2, "keep_ratio": 0.5, "strategy": "merge"},
-        "zc merge K=2 r=0.7": {"start_layer": 2, "keep_ratio": 0.7, "strategy": "merge"},
-        "zc merge K=2 r=0.5 dissimilarity": {"start_layer": 2, "keep_ratio": 0.5, "strategy": "merge",
-                                             "score": "dissimilarity"},
+        "zc merge 512>448>384>320>256>192": {"strategy": "merge", "schedule": (1, .875, .75, .625, .5, .375)},
+        "zc merge 512>464>400>320>240>160": {"strategy": "merge", "schedule": (1, .90625, .78125, .625, .46875, .3125)},
+        "zc merge 512>448>352>288>224>160": {"strategy": "merge", "schedule": (1, .875, .6875, .5625, .4375, .3125)},
+        "zc merge max_error 0.02": {"strategy": "merge", "max_error": 0.02},
+        "zc merge max_error 0.02 token_mean": {"strategy": "merge", "max_error": 0.02, "error_measure": "token_mean"},
     }
     if quick:
-        configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc merge K=2 r=0.5")}
+        configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc merge 512>448>384>320>256>192")}
     timed = sets["full 512"][0]
+    # 2 batches of other windows of the same text (they start half a window stride later)
+    calibration = passages(tokenizer, 8, 512, padded=False, offset=len(reference_manual_token_ids(tokenizer)) // 64)[:2]
     with torch.no_grad():
-        variants, compile_s, reports = compile_variants(model, {"inductor fp32": None, **configs}, timed)
+        variants, compile_s, reports = compile_variants(model, {"inductor fp32": None, **configs}, timed, calibration)
         quality: dict[str, dict[str, float]] = {name: {} for name in variants}
         for set_name, batches in sets.items():
             reference = torch.cat([mean_pooled(model(**b), b["attention_mask"]) for b in batches])
@@ -154,7 +171,7 @@ def minilm(quick: bool) -> dict[str, Any]:
 
 
 def vit(quick: bool) -> dict[str, Any]:
-    from benchmarks.train_digits_vit import load_model, test_set
+    from benchmarks.train_digits_vit import load_model, test_set, train_set
 
     model = load_model()
     images, labels = test_set()
@@ -162,17 +179,19 @@ def vit(quick: bool) -> dict[str, Any]:
     batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
     labels = labels[: len(batches) * batch]
     configs = {
-        "zc skip K=1 r=0.5": {"start_layer": 1, "keep_ratio": 0.5},
-        "zc skip K=1 r=0.5 dissimilarity": {"start_layer": 1, "keep_ratio": 0.5, "score": "dissimilarity"},
-        "zc skip K=1 r=0.35 dissimilarity": {"start_layer": 1, "keep_ratio": 0.35, "score": "dissimilarity"},
         "zc skip K=0 r=0.5 norm": {"start_layer": 0, "keep_ratio": 0.5, "score": "norm"},
-        "zc merge K=0 r=0.35": {"start_layer": 0, "keep_ratio": 0.35, "strategy": "merge"},
+        "zc merge K=0 r=0.5": {"start_layer": 0, "keep_ratio": 0.5, "strategy": "merge"},
+        "zc merge 65>33>22>22": {"strategy": "merge", "schedule": (1, .5, .33, .33)},
+        "zc merge 65>33>33>17": {"strategy": "merge", "schedule": (1, .5, .5, .25)},
+        "zc merge 65>33>25>17": {"strategy": "merge", "schedule": (1, .5, .375, .25)},
+        "zc merge max_error 0.02": {"strategy": "merge", "max_error": 0.02},
     }
     if quick:
-        configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc skip K=1 r=0.5 dissimilarity")}
+        configs = {k: v for k, v in configs.items() if k in ("zc skip K=0 r=0.5 norm", "zc merge 65>33>22>22")}
     with torch.no_grad():
+        calibration = [{"pixel_values": train_set()[0][i : i + batch]} for i in (0, batch)]  # training digits
         variants, compile_s, reports = compile_variants(model, {"inductor fp32": None, **configs},
-                                                        {"pixel_values": batches[0]})
+                                                        {"pixel_values": batches[0]}, calibration)
         accuracy = {}
         for name, run in variants.items():
             predictions = torch.cat([run(pixel_values=b).logits.argmax(-1) for b in batches])

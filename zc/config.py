@@ -97,6 +97,8 @@ class QuantizeConfig(PassConfig):
 TOKEN_SKIP_STRATEGIES = ("skip", "merge")
 TOKEN_SKIP_SCORES = ("similarity", "dissimilarity", "norm")
 TOKEN_SKIP_ANCHORS = ("auto", "first", "last")
+TOKEN_SKIP_MATCHINGS = ("bipartite", "score")
+TOKEN_SKIP_ERROR_MEASURES = ("outputs", "token_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +113,31 @@ class TokenSkipConfig(PassConfig):
     always kept: ``first`` (CLS), ``last`` (causal LMs, which also keep the first token), or
     ``auto`` (last for causal LMs, else first). Padding tokens skip first. ``strategy``:
     ``skip`` (skipped tokens keep their state from block ``start_layer``) or ``merge`` (ToMe-
-    style: each skipped token is averaged into its most similar kept token, and takes that
-    token's output at the end). ``withdraw_start`` / ``withdraw_end``: instead of scoring, the
+    style: tokens are merged into similar ones, see ``matching``, and take their group's output
+    at the end). ``withdraw_start`` / ``withdraw_end``: instead of scoring, the
     tokens at positions ``[withdraw_start, withdraw_end)`` are withdrawn after block
     ``start_layer`` (VTW: the image tokens of a multimodal LLM); ``keep_ratio`` is then unused.
+    ``withdraw_token_id``: the same for the tokens whose input id is this one (the image token id);
+    their number is read from the example and compiled in (another number fails at run time).
+
+    ``schedule``: instead of ``start_layer`` / ``keep_ratio``, the fraction of the tokens each block
+    runs on, one per block, non-increasing, the first 1 (``(1, .875, .75, .625, .5, .375)``): tokens
+    leave (or merge) gradually, which loses less than one drop at the same cost. ``matching``
+    (merge): ``bipartite`` (ToMe's bipartite soft matching: tokens at even positions merge into
+    their most similar token at an odd position, the closest pairs first; the first token is
+    never merged) or ``score`` (the tokens kept are chosen by ``score``; every other token merges
+    into its most similar kept one). Merged states are averages weighted by how many tokens each
+    stands for. ``proportional_attention`` (merge): ``log(size)`` of each merged token is added to
+    the attention logits of its key, so it weighs as much as the tokens it stands for.
+
+    ``max_error``: the schedule is chosen instead (``start_layer`` / ``keep_ratio`` are then unused;
+    ``strategy``, ``matching``, ``score`` still apply): the first ``calibration_calls`` calls run
+    the full graph eagerly, candidate schedules run eagerly on those inputs, and the one keeping
+    the fewest tokens through the blocks whose outputs stay within ``max_error`` of the full
+    model's (1 - cosine similarity per sample, worst case) is compiled and reported.
+    ``error_measure``: ``outputs`` compares every output whole (each token's state, logits);
+    ``token_mean`` first averages ``[batch, tokens, dim]`` outputs over their tokens (for
+    mean-pooled embeddings: far less strict).
     """
 
     start_layer: int = 1
@@ -124,6 +147,13 @@ class TokenSkipConfig(PassConfig):
     anchor: str = "auto"
     withdraw_start: int | None = None
     withdraw_end: int | None = None
+    withdraw_token_id: int | None = None
+    schedule: tuple[float, ...] | None = None
+    matching: str = "bipartite"
+    proportional_attention: bool = True
+    max_error: float | None = None
+    calibration_calls: int = 2
+    error_measure: str = "outputs"
 
     shorthand: ClassVar[str | None] = "keep_ratio"
 
@@ -147,6 +177,33 @@ class TokenSkipConfig(PassConfig):
         if self.anchor not in TOKEN_SKIP_ANCHORS:
             raise ValueError(f"zc: option 'token_skip.anchor' must be one of {', '.join(TOKEN_SKIP_ANCHORS)}; "
                              f"got {self.anchor!r}")
+        if self.max_error is not None and not 0.0 < self.max_error < 1.0:
+            raise ValueError(f"zc: option 'token_skip.max_error' must be in (0, 1) (1 - cosine similarity); "
+                             f"got {self.max_error}")
+        if self.withdraw_token_id is not None and self.withdraw_start is not None:
+            raise ValueError("zc: option 'token_skip.withdraw_token_id' does not go with 'withdraw_start' / "
+                             "'withdraw_end': withdraw the tokens of an id or of a span")
+        if self.max_error is not None and (self.withdraw_start is not None or self.withdraw_token_id is not None):
+            raise ValueError("zc: option 'token_skip.max_error' does not go with 'withdraw_start' / 'withdraw_end' "
+                             "(the withdrawn span is fixed)")
+        if self.error_measure not in TOKEN_SKIP_ERROR_MEASURES:
+            raise ValueError(f"zc: option 'token_skip.error_measure' must be one of "
+                             f"{', '.join(TOKEN_SKIP_ERROR_MEASURES)}; got {self.error_measure!r}")
+        if self.calibration_calls < 1:
+            raise ValueError(f"zc: option 'token_skip.calibration_calls' must be >= 1; got {self.calibration_calls}")
+        if self.matching not in TOKEN_SKIP_MATCHINGS:
+            raise ValueError(f"zc: option 'token_skip.matching' must be one of {', '.join(TOKEN_SKIP_MATCHINGS)}; "
+                             f"got {self.matching!r}")
+        if self.schedule is not None:
+            ratios = self.schedule
+            if (not ratios or ratios[0] != 1.0 or any(not 0.0 < r <= 1.0 for r in ratios)
+                    or any(b > a for a, b in zip(ratios, ratios[1:]))):
+                raise ValueError("zc: option 'token_skip.schedule' must be the keep ratio of every block, in (0, 1], "
+                                 f"non-increasing, the first block's 1.0; got {ratios}")
+            if self.withdraw_start is not None or self.withdraw_token_id is not None or self.max_error is not None:
+                raise ValueError("zc: option 'token_skip.schedule' does not go with 'max_error' (which picks it) or "
+                                 "'withdraw_start' / 'withdraw_end' / 'withdraw_token_id' "
+                                 "(the withdrawn span says which tokens leave)")
 
 
 STEP_CACHE_FORECASTS = ("reuse", "linear", "quadratic")

@@ -19,9 +19,12 @@ from zc.fx_passes import token_skip
 from zc.fx_passes.pass_manager import PassReport
 from zc.fx_passes.token_skip import (
     assign_to_kept,
+    bipartite_plan,
     gather_tokens,
+    initial_sizes,
     key_valid_from_mask,
     merge_tokens,
+    merged_sizes,
     outside_span,
     scatter_tokens,
     select_tokens,
@@ -53,7 +56,7 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
-def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="skip", seen=None, span=None):
+def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, seen=None, span=None):
     """Eager ``model`` whose blocks after ``start_layer`` see only the kept tokens (by hand)."""
     state = {}
     handles = []
@@ -70,11 +73,7 @@ def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="
             index = (outside_span(hidden, *span) if span else
                      select_tokens(hidden, valid, keep, "similarity", anchor, anchor == -1))
             state.update(base=hidden, valid=valid, index=index)
-            if strategy == "merge":
-                state["assign"] = assign_to_kept(hidden, state["index"])
-                hidden = merge_tokens(hidden, state["assign"], valid, keep)
-            else:
-                hidden = gather_tokens(hidden, state["index"], [1])
+            hidden = gather_tokens(hidden, state["index"], [1])
             if seen is not None:
                 seen.append(state["index"])
         if mask is not None:
@@ -89,10 +88,7 @@ def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, strategy="
 
     def after(module, args, out):
         hidden = out[0] if isinstance(out, tuple) else out
-        if strategy == "merge":
-            hidden = unmerge_tokens(state["base"], state["assign"], hidden, state["valid"])
-        else:
-            hidden = scatter_tokens(state["base"], state["index"], hidden)
+        hidden = scatter_tokens(state["base"], state["index"], hidden)
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     for i in range(start_layer + 1, len(layers)):
@@ -142,16 +138,127 @@ def test_bert_skip_matches_hand_written_reference_with_padding_and_compiles_once
     assert int((index[1] >= 14).sum()) == 0
 
 
-def test_merge_strategy_matches_reference():
-    model = tiny_bert()
-    inputs = bert_inputs()
-    (out,), _ = run_zc(model, inputs, {"token_skip": {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge"},
-                                        "strict": True})
-    handles = with_skip_hooks(model, model.encoder.layer, 1, 0.5, strategy="merge")
+def with_merge_hooks(layers, stages, matching="bipartite"):
+    """Eager ``layers`` where, before the block after each ``(K, keep)`` stage, every token's
+    state is replaced by its merged group's state, and all tokens run on.
+
+    Attention over ``size`` identical copies of a merged token is exactly attention over that
+    token with ``log(size)`` added to its logits, and a block's other ops work per token, so this
+    is an independent reference for proportional attention (and for merging at several blocks):
+    the rewritten graph runs each group once with the bias, this runs all copies with no bias.
+    """
+    state = {}
+    handles = []
+
+    def before(module, args, kwargs, keep):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        batch, seq, _ = hidden.shape
+        if not state:
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            valid = key_valid_from_mask(mask) if mask is not None else None
+            state.update(positions=torch.arange(seq).expand(batch, seq), assign=torch.arange(seq).expand(batch, seq),
+                         sizes=initial_sizes(hidden, valid), valid=valid)
+        current = gather_tokens(hidden, state["positions"], [1])
+        if matching == "bipartite":
+            index, assign = bipartite_plan(current, state["sizes"], keep, False)
+        else:
+            valid = None if state["valid"] is None else gather_tokens(state["valid"], state["positions"], [1])
+            index = select_tokens(current, valid, keep, "similarity", 0, False)
+            assign = assign_to_kept(current, index)
+        merged = merge_tokens(current, state["sizes"], index, assign)
+        state["sizes"] = merged_sizes(state["sizes"], assign, keep)
+        state["positions"] = gather_tokens(state["positions"], index, [1])
+        state["assign"] = torch.gather(assign, 1, state["assign"])
+        hidden = unmerge_tokens(state["assign"], merged)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    for start, keep in stages:
+        handles.append(layers[start + 1].register_forward_pre_hook(
+            lambda m, a, k, keep=keep: before(m, a, k, keep), with_kwargs=True))
+    return handles
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=4,
+                       num_attention_heads=2, intermediate_size=64)
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("case", ["bert schedule bipartite", "bert one-shot score", "vit schedule bipartite"])
+def test_merge_with_proportional_attention_matches_token_copies(case):
+    """Merging with proportional attention (the bias added to BERT's gathered padding mask, or
+    an ``attn_mask`` created for a ViT's SDPA, which had none) at one or several blocks equals the
+    eager model running every token on as a copy of its group's state."""
+    if case.startswith("bert"):
+        model, inputs = tiny_bert(), bert_inputs()
+        layers, seq = model.encoder.layer, 20
+    else:
+        model, inputs = tiny_vit(), {"pixel_values": torch.randn(2, 1, 16, 16)}
+        layers, seq = model.layers, 17
+    if "schedule" in case:
+        schedule = [1.0, 0.75, 0.5, 0.3]
+        options = {"schedule": schedule, "strategy": "merge"}
+        stages = [(i - 1, math.ceil(r * seq)) for i, r in enumerate(schedule) if i and r < schedule[i - 1]]
+    else:
+        options = {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge", "matching": "score"}
+        stages = [(1, math.ceil(0.5 * seq))]
+    (out,), _ = run_zc(model, inputs, {"token_skip": options, "strict": True})
+    handles = with_merge_hooks(layers, stages, "score" if "score" in case else "bipartite")
     with torch.no_grad():
         expected = model(**inputs)
     for h in handles:
         h.remove()
+    with torch.no_grad():
+        full = model(**inputs)
+    assert out.last_hidden_state.shape == full.last_hidden_state.shape
+    torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out.last_hidden_state, full.last_hidden_state, atol=1e-3)
+    if case != "vit schedule bipartite":
+        return
+    # Without the bias the rewritten graph no longer matches the copies.
+    torch._dynamo.reset()
+    (plain,), _ = run_zc(model, inputs, {"token_skip": {**options, "proportional_attention": False}, "strict": True})
+    assert not torch.allclose(plain.last_hidden_state, expected.last_hidden_state, atol=1e-3)
+
+
+def test_skip_schedule_matches_nested_hand_written_reference():
+    """Tokens leave at several blocks: each stage selects among the tokens still running, the
+    mask is gathered by their original positions, and the outputs are scattered back in turn."""
+    model, inputs = tiny_bert(), bert_inputs()
+    layers, stages = model.encoder.layer, {0: 15, 1: 10}  # schedule (1, .75, .5, .5) on 20 tokens
+    (out,), _ = run_zc(model, inputs, {"token_skip": {"schedule": [1, 0.75, 0.5, 0.5]}, "strict": True})
+    state = {"left": []}
+
+    def before(module, args, kwargs, block):
+        hidden, mask, *rest = args
+        if "mask" not in state:
+            state.update(mask=mask, valid=key_valid_from_mask(mask), positions=torch.arange(20).expand(2, 20))
+        if block - 1 in stages:
+            index = select_tokens(hidden, state["valid"], stages[block - 1], "similarity", 0, False)
+            state["left"].append((hidden, index))
+            state["valid"] = gather_tokens(state["valid"], index, [1])
+            state["positions"] = gather_tokens(state["positions"], index, [1])
+            hidden = gather_tokens(hidden, index, [1])
+        return (hidden, gather_tokens(state["mask"], state["positions"], [2, 3]), *rest), kwargs
+
+    def after(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        for base, index in reversed(state["left"]):
+            hidden = scatter_tokens(base, index, hidden)
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handles = [layers[i].register_forward_pre_hook(lambda m, a, k, i=i: before(m, a, k, i), with_kwargs=True)
+               for i in range(1, 4)]
+    handles.append(layers[-1].register_forward_hook(after))
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    assert [index.shape[1] for _, index in state["left"]] == [15, 10]
     torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
 
 
@@ -205,6 +312,36 @@ def test_vision_token_withdrawal_drops_a_span_after_block_k():
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
 
 
+def test_vision_token_withdrawal_finds_the_span_from_the_image_token_id():
+    model = tiny_llama()
+    ids = torch.randint(0, 120, (2, 24))
+    ids[:, 4:16] = 127  # the "image tokens"
+    inputs = {"input_ids": ids, "use_cache": False}
+    options = {"token_skip": {"start_layer": 1, "withdraw_token_id": 127}, "strict": True}
+    compiled = torch.compile(model, backend="zc", options=options, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(**inputs)
+    handles = with_skip_hooks(model, model.model.layers, 1, None, anchor=-1, span=(4, 16))
+    with torch.no_grad():
+        expected = model(**inputs)
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    # the image tokens may move, their number may not: it is compiled into the shapes
+    moved = torch.randint(0, 120, (2, 24))
+    moved[:, 8:20] = 127
+    handles = with_skip_hooks(model, model.model.layers, 1, None, anchor=-1, span=(8, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=moved, use_cache=False).logits,
+                                   model(input_ids=moved, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+    for h in handles:
+        h.remove()
+    fewer = moved.clone()
+    fewer[:, 8] = 3
+    with torch.no_grad(), pytest.raises(RuntimeError, match="withdraw_token_id"):
+        compiled(input_ids=fewer, use_cache=False)
+
+
 def test_generated_code_gathers_and_scatters_inside_the_compiled_graph():
     model = tiny_bert()
     inputs = bert_inputs()
@@ -223,7 +360,8 @@ def test_bad_options_and_graphs_without_blocks():
     for bad, match in (({"keep_ratio": 0.0}, "keep_ratio"), ({"keep_ratio": 1.5}, "keep_ratio"),
                        ({"start_layer": -1}, "start_layer"), ({"score": "attention"}, "token_skip.score"),
                        ({"strategy": "drop"}, "token_skip.strategy"), ({"withdraw_start": 3}, "go together"),
-                       ({"withdraw_start": 5, "withdraw_end": 5}, "withdraw_start")):
+                       ({"withdraw_start": 5, "withdraw_end": 5}, "withdraw_start"),
+                       ({"withdraw_token_id": 7, "withdraw_start": 1, "withdraw_end": 3}, "withdraw_token_id")):
         with pytest.raises(ValueError, match=match):
             ZcConfig.from_options({"token_skip": bad}, environ={})
     model = tiny_bert()
@@ -268,3 +406,76 @@ def test_real_minilm_embeddings_stay_close():
     assert bool((cosines["merge"] > 0.9).all()), cosines
     assert bool((cosines["skip"] > 0.45).all()), cosines
     assert bool((cosines["merge"] > cosines["skip"]).all()), cosines
+
+
+def test_max_error_picks_a_schedule_within_the_budget_from_calibration_calls():
+    from zc.fx_passes.token_skip import output_error
+
+    model = tiny_bert()
+    gm, example = capture_graph(model, **bert_inputs())
+
+    def prepared(max_error, calls, measure="outputs"):
+        report = PassReport("token_skip")
+        config = ZcConfig.from_options({"token_skip": {"strategy": "merge", "max_error": max_error, "calibration_calls":
+                                                       calls, "error_measure": measure}}, environ={}).token_skip
+        # compile_rest is the identity here: the chosen graph runs eagerly (see the slow test for Inductor)
+        return token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None), report
+
+    # random weights: the tiny model's outputs move this much with one merge at ratio 0.5
+    executor, report = prepared(0.2, 1)
+    with torch.no_grad():
+        full = gm(*example)
+        during = executor(*example)
+        after = executor(*example)
+    torch.testing.assert_close(during, full)  # the calibration call runs the full graph
+    chosen = report.metrics["calibration"]
+    assert report.status == "applied" and chosen["schedule"] is not None, report
+    assert chosen["error"] <= 0.2 and chosen["candidates_run"] >= 2, chosen
+    assert report.metrics["block_token_fraction"] < 1.0 and report.rewrites
+    assert output_error(after, full) <= 0.2 + 1e-5
+    assert not torch.allclose(after[0], full[0], atol=1e-3)
+
+    # a budget no candidate meets: the full graph runs, and the report says why
+    executor, report = prepared(1e-6, 1)
+    with torch.no_grad():
+        executor(*example)
+        torch.testing.assert_close(executor(*example), full)
+    assert report.status == "unchanged" and "no candidate schedule" in report.skips[-1]["reason"], report
+
+    # the budget on the token-averaged outputs (pooled embeddings)
+    executor, report = prepared(0.2, 1, "token_mean")
+    with torch.no_grad():
+        executor(*example)
+        pooled = executor(*example)
+    assert report.status == "applied" and "token_mean" in report.metrics["calibration"]["error_measure"]
+    assert output_error(pooled, full, "token_mean") <= 0.2 + 1e-5
+
+    with pytest.raises(ValueError, match="token_skip.error_measure"):
+        ZcConfig.from_options({"token_skip": {"max_error": 0.1, "error_measure": "kl"}}, environ={})
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="token_skip.max_error"):
+            ZcConfig.from_options({"token_skip": {"max_error": bad}}, environ={})
+    with pytest.raises(ValueError, match="token_skip.schedule"):
+        ZcConfig.from_options({"token_skip": {"max_error": 0.1, "schedule": [1, 0.5, 0.5, 0.5]}}, environ={})
+
+
+@pytest.mark.slow
+def test_max_error_through_torch_compile(tmp_path):
+    from zc.dump import load_report
+    from zc.fx_passes.token_skip import output_error
+
+    model = tiny_bert()
+    calibration = [bert_inputs() for _ in range(2)]
+    options = {"token_skip": {"strategy": "merge", "max_error": 0.2, "calibration_calls": 2},
+               "strict": True, "dump": str(tmp_path)}
+    compiled = torch.compile(model, backend="zc", options=options, fullgraph=True)
+    with torch.no_grad():
+        full = [model(**inputs).last_hidden_state for inputs in calibration]
+        during = [compiled(**inputs).last_hidden_state for inputs in calibration]
+        after = [compiled(**inputs).last_hidden_state for inputs in calibration]
+    for got, expected in zip(during, full):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    report = next(p for p in load_report(next(tmp_path.iterdir()))["graph_passes"] if p["name"] == "token_skip")
+    assert report["status"] == "applied" and report["metrics"]["calibration"]["error"] <= 0.2, report
+    for got, expected in zip(after, full):
+        assert output_error(got, expected) <= 0.2 + 1e-4

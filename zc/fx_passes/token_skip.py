@@ -26,15 +26,29 @@ where ``node.meta["nn_module_stack"]`` says which module each op came from:
    keep their block-K state, so every output keeps its shape (mean pooling, per-token heads and
    LM logits keep working).
 
+**Merge** (``strategy="merge"``, ToMe): instead of leaving, tokens merge into similar ones (by
+default ToMe's bipartite soft matching on the hidden states); a merged token's state is the
+size-weighted mean of its group, ``log(size)`` is added to the attention logits of its key
+(proportional attention: folded into the gathered attention mask, or given to SDPA as its
+``attn_mask`` when the model has none), and at the end every token takes its group's output.
+
+**Schedule.** Tokens may leave or merge at several blocks (``schedule``: a keep ratio per block):
+each drop is one stage, rewritten in turn on the graph the stage before left; a stage gathers
+masks and rotary tables from the original inputs by the original positions of the tokens still
+running, and its scatter / unmerge nests inside the one before. ``max_error`` picks the schedule
+from calibration calls (:func:`choose_schedule`).
+
 Everything happens inside the one graph handed on to Inductor: the top-k, gathers and scatter
 are ATen ops Inductor fuses into its kernels (indirect loads / stores), not a Python loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,6 +114,19 @@ def outside_span(hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return kept.unsqueeze(0).expand(hidden.shape[0], -1)
 
 
+def outside_token_id(ids: torch.Tensor, token_id: int, withdrawn: int) -> torch.Tensor:
+    """Indices ``[B, S - withdrawn]`` (ascending) of the tokens whose id is not ``token_id`` (VTW:
+    the image tokens of a multimodal LLM). Every row must hold ``withdrawn`` of them, as the
+    example did: the count is part of the compiled shapes, so another count fails loudly."""
+    count = ids.shape[1]
+    positions = torch.arange(count, device=ids.device)
+    is_withdrawn = ids == token_id
+    torch._assert_async((is_withdrawn.sum(dim=1) == withdrawn).all(),
+                        "zc token_skip: the number of tokens with withdraw_token_id differs from the one compiled for")
+    order = torch.where(is_withdrawn, positions + count, positions)
+    return torch.sort(order, dim=1).values[:, : count - withdrawn]
+
+
 def key_valid_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """``[B, S]``: which key positions the last query row of a 4-D attention mask may attend."""
     row = mask[:, 0, -1, :]
@@ -139,23 +166,100 @@ def assign_to_kept(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.scatter(assign, 1, index, torch.arange(index.shape[1], device=index.device).expand(index.shape))
 
 
-def merge_tokens(hidden: torch.Tensor, assign: torch.Tensor, key_valid: torch.Tensor | None, keep: int) -> torch.Tensor:
-    """``[B, k, D]``: each kept token's state averaged with the (non-padding) tokens assigned to it."""
-    weight = torch.ones_like(assign, dtype=hidden.dtype) if key_valid is None else key_valid.to(hidden.dtype)
+def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
+    """``[B, n]`` with ``even`` at positions 0, 2, ... and ``odd`` at 1, 3, ..."""
+    paired = torch.stack([even[:, : odd.shape[1]], odd], dim=-1).flatten(1)
+    return torch.cat([paired, even[:, odd.shape[1]:]], dim=1)
+
+
+def bipartite_plan(
+    hidden: torch.Tensor, sizes: torch.Tensor, keep: int, keep_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching from ``n`` down to ``keep`` tokens.
+
+    Returns the kept positions ``[B, keep]`` (ascending) and, for every token, the kept token
+    (0..keep-1) it merges into. Per round the tokens at even positions (set A, with the first
+    token, which is never merged away and so never absorbs others) are matched with their most
+    similar token at an odd position (set B); the A tokens with the closest match merge into it.
+    One round removes at most about half the tokens, so a larger reduction takes several rounds,
+    each matching the size-weighted merged states of the one before. Padding (size 0) goes first.
+    """
+    batch, count, _ = hidden.shape
+    device = hidden.device
+    metric = hidden.float()
+    sizes = sizes.float()
+    kept_positions = torch.arange(count, device=device).expand(batch, count)
+    assign_total = kept_positions
+    while count > keep:
+        a_count = (count + 1) // 2
+        protected = 1 + int(keep_last and (count - 1) % 2 == 0)
+        remove = min(count - keep, max(1, a_count - protected))
+        normed = F.normalize(metric, dim=-1)
+        similarity = normed[:, 0::2] @ normed[:, 1::2].transpose(1, 2)
+        b_valid = sizes[:, 1::2] > 0
+        similarity = similarity.masked_fill(~b_valid.unsqueeze(1), -2.0)
+        best, dest = similarity.max(dim=-1)
+        a_slots = torch.arange(a_count, device=device)
+        never = (a_slots == 0) | ((a_slots == a_count - 1) & (protected == 2))
+        score_a = torch.where(never, -4.0, torch.where(sizes[:, 0::2] > 0, best, 3.0))
+        score_b = torch.where(b_valid, -3.0, 3.0)
+        score = _interleave(score_a, score_b)
+        positions = torch.arange(count, device=device).expand(batch, count)
+        target = _interleave(2 * dest + 1, positions[:, 1::2])
+        kept = torch.sort(torch.topk(-score, count - remove, dim=1, sorted=False).indices, dim=1).values
+        is_kept = torch.zeros_like(score, dtype=torch.bool).scatter(1, kept, True)
+        slot = is_kept.long().cumsum(1) - 1
+        assign = torch.gather(slot, 1, torch.where(is_kept, positions, target))
+        metric = merge_tokens(metric, sizes, kept, assign)
+        sizes = merged_sizes(sizes, assign, count - remove)
+        kept_positions = torch.gather(kept_positions, 1, kept)
+        assign_total = torch.gather(assign, 1, assign_total)
+        count -= remove
+    return kept_positions, assign_total
+
+
+def merge_tokens(hidden: torch.Tensor, sizes: torch.Tensor, index: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """``[B, k, D]``: each kept token's state averaged with the tokens assigned to it, weighted
+    by how many original tokens each stands for (padding weighs 0). A kept token that stands
+    for no real token (padding) keeps its own state."""
+    weight = sizes.to(hidden.dtype)
     batch, _, dim = hidden.shape
+    keep = index.shape[1]
     summed = hidden.new_zeros(batch, keep, dim).scatter_add(
         1, assign.unsqueeze(-1).expand(hidden.shape), hidden * weight.unsqueeze(-1))
-    count = weight.new_zeros(batch, keep).scatter_add(1, assign, weight)
-    return summed / count.clamp_min(1).unsqueeze(-1)
+    total = weight.new_zeros(batch, keep).scatter_add(1, assign, weight)
+    own = torch.gather(hidden, 1, index.unsqueeze(-1).expand(batch, keep, dim))
+    return torch.where((total > 0).unsqueeze(-1), summed / total.clamp_min(1e-6).unsqueeze(-1), own)
 
 
-def unmerge_tokens(
-    base: torch.Tensor, assign: torch.Tensor, kept: torch.Tensor, key_valid: torch.Tensor | None
-) -> torch.Tensor:
-    """``[B, S, D]``: every token takes the output of the kept token it was merged into
-    (padding tokens keep ``base``, their state from block K)."""
-    out = torch.gather(kept, 1, assign.unsqueeze(-1).expand(base.shape))
-    return out if key_valid is None else torch.where(key_valid.unsqueeze(-1), out, base)
+def merged_sizes(sizes: torch.Tensor, assign: torch.Tensor, keep: int) -> torch.Tensor:
+    """``[B, k]``: how many original (non-padding) tokens each kept token stands for."""
+    return sizes.new_zeros(sizes.shape[0], keep).scatter_add(1, assign, sizes)
+
+
+def initial_sizes(hidden: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """``[B, S]``: every real token stands for itself; padding for nothing."""
+    if key_valid is None:
+        return hidden.new_ones(hidden.shape[:2], dtype=torch.float32)
+    return key_valid.float()
+
+
+def size_bias(mask: torch.Tensor | None, sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional attention (ToMe): ``log(size)`` of each key added to the attention logits,
+    so a merged token gets the attention weight of all the tokens it stands for. ``mask``: the
+    model's (gathered) attention mask, boolean or additive, or ``None`` (the bias alone,
+    ``[B, 1, 1, k]``). Padding keys (size 0) add nothing: the mask already hides them."""
+    log_size = torch.where(sizes > 0, sizes.clamp_min(1e-6).log(), 0.0).to(dtype)[:, None, None, :]
+    if mask is None:
+        return log_size
+    if mask.dtype == torch.bool:
+        return torch.where(mask, log_size, torch.finfo(dtype).min)
+    return mask + log_size.to(mask.dtype)
+
+
+def unmerge_tokens(assign: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``[B, S, D]``: every token takes the output of the kept token it was merged into."""
+    return torch.gather(kept, 1, assign.unsqueeze(-1).expand(*assign.shape, kept.shape[-1]))
 
 
 # --- finding the block stack and the region ------------------------------------------------
@@ -320,28 +424,114 @@ def _check_shape(node: torch.fx.Node, old: torch.Size, new: torch.Size, seq: int
                             "a size there is not the token count")
 
 
+def stage_plan(config: TokenSkipConfig, blocks: int, prefix: str) -> list[tuple[int, float]]:
+    """``(block K, fraction of the tokens that run the blocks after K)`` at each block where the
+    token count drops: one point for ``start_layer`` / ``keep_ratio``, several for a ``schedule``."""
+    withdrawing = config.withdraw_start is not None or config.withdraw_token_id is not None
+    if config.schedule is not None and not withdrawing:
+        if len(config.schedule) != blocks:
+            raise ValueError(
+                f"zc: option 'token_skip.schedule' needs one keep ratio per block: this model has {blocks} "
+                f"blocks ('{prefix}'); got {len(config.schedule)} ratios")
+        fractions = config.schedule
+    else:
+        if config.start_layer > blocks - 2:
+            raise ValueError(
+                f"zc: option 'token_skip.start_layer' must be in 0..{blocks - 2} for this model's "
+                f"{blocks} blocks ('{prefix}'), so that at least one block runs on fewer tokens; "
+                f"got {config.start_layer}"
+            )
+        if withdrawing:  # the span or the token id, not a ratio, says which tokens go on
+            return [(config.start_layer, 0.0)]
+        fractions = (1.0,) * (config.start_layer + 1) + (config.keep_ratio,) * (blocks - config.start_layer - 1)
+    return [(i - 1, f) for i, f in enumerate(fractions) if i > 0 and f < fractions[i - 1]]
+
+
+@dataclasses.dataclass
+class _Tokens:
+    """What the stages rewritten so far left in the graph for the next one."""
+
+    seq: int | None = None  # the token count before the first stage
+    positions: torch.fx.Node | None = None  # [B, k]: original positions of the tokens still running
+    valid: torch.fx.Node | None = None  # [B, k]: which of them are real (not padding)
+    sizes: torch.fx.Node | None = None  # merge, [B, k]: how many original tokens each stands for
+    # every token-indexed input a stage built: (the original input or None, its token dims, kind),
+    # so a later stage gathers from the original instead of gathering a gather
+    origin: dict[torch.fx.Node, tuple[torch.fx.Node | None, list[int] | None, str]] = dataclasses.field(
+        default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _add(graph: torch.fx.Graph, fn: Callable[..., Any], *args: Any) -> torch.fx.Node:
+    """A call of ``fn`` in ``graph`` with its example value (run on the fake example values)."""
+    node = graph.call_function(fn, args)
+    node.meta["example_value"] = fn(*torch.fx.node.map_aggregate(
+        args, lambda a: a.meta["example_value"] if isinstance(a, torch.fx.Node) else a))
+    return node
+
+
 def rewrite(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     config: TokenSkipConfig,
     report: PassReport,
 ) -> torch.fx.GraphModule:
-    """``gm`` rewritten in place so that blocks after ``start_layer`` see only the kept tokens."""
+    """``gm`` rewritten in place so that the later blocks see fewer tokens (one stage per drop)."""
     prefix, block_of = block_stack(gm)
     blocks = sorted(set(block_of.values()))
     report.metrics["blocks"] = len(blocks)
     report.metrics["block_stack"] = prefix
-    if config.start_layer > len(blocks) - 2:
-        raise ValueError(
-            f"zc: option 'token_skip.start_layer' must be in 0..{len(blocks) - 2} for this model's "
-            f"{len(blocks)} blocks ('{prefix}'), so that at least one block runs on fewer tokens; "
-            f"got {config.start_layer}"
-        )
-    start = config.start_layer
+    plan = stage_plan(config, len(blocks), prefix)
+    if not plan:
+        raise _Unchanged("every block keeps all the tokens (keep ratio 1): the graph runs unchanged")
+    weights = _weight_nodes(gm, example_inputs)
+    tokens = _Tokens()
+    stages = []
+    for start, fraction in plan:
+        stage = _rewrite_stage(gm, example_inputs, block_of, start, fraction, config, tokens, weights)
+        if stage is not None:
+            stages.append(stage)
+    gm.graph.lint()
+    gm.recompile()
+    counts = [tokens.seq] * len(blocks)
+    for start, keep in stages:
+        counts[start + 1 :] = [keep] * (len(blocks) - start - 1)
+    report.metrics.update(tokens=tokens.seq, kept_tokens=stages[-1][1], start_layer=stages[0][0],
+                          tokens_per_block=counts, block_token_fraction=sum(counts) / (tokens.seq * len(blocks)))
+    what = ("withdrawn span" if config.withdraw_start is not None else
+            f"withdrawn tokens with id {config.withdraw_token_id}" if config.withdraw_token_id is not None else
+            f"bipartite matching{', proportional attention' if config.proportional_attention else ''}"
+            if config.strategy == "merge" and config.matching == "bipartite" else f"score {config.score}")
+    report.rewrote(
+        f"{prefix}.{stages[0][0] + 1}..{blocks[-1]}",
+        f"tokens per block {counts} of {tokens.seq} ({config.strategy}, {what}); the others keep their "
+        f"state from the block where they left" if config.strategy == "skip" else
+        f"tokens per block {counts} of {tokens.seq} ({config.strategy}, {what}); each merged token takes "
+        "its group's output at the end",
+    )
+    for note in tokens.notes:
+        report.skipped("proportional attention", note)
+    return gm
+
+
+def _rewrite_stage(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    block_of: dict[torch.fx.Node, int],
+    start: int,
+    fraction: float,
+    config: TokenSkipConfig,
+    tokens: _Tokens,
+    weights: set[torch.fx.Node],
+) -> tuple[int, int] | None:
+    """Blocks after ``start`` rewritten to run on ``ceil(fraction * S)`` tokens; ``(start, k)``,
+    or ``None`` when that is no fewer than the tokens already running there."""
     region = skip_region(gm, block_of, start)
     members = set(region)
+    first = tokens.seq is None
 
-    # The hidden state from block K: the one input of the region computed by the earlier blocks.
+    # The hidden state from block K: the one input of the region computed by the earlier blocks
+    # (besides the token-indexed inputs an earlier stage gathered).
     earlier = {n for n, b in block_of.items() if b <= start}
     depends_on_blocks: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
@@ -350,7 +540,7 @@ def rewrite(
         if node in earlier or any(i in depends_on_blocks for i in _input_nodes(node)):
             depends_on_blocks.add(node)
     externals = list(dict.fromkeys(i for n in region for i in _input_nodes(n) if i not in members))
-    carried = [n for n in externals if n in depends_on_blocks]
+    carried = [n for n in externals if n in depends_on_blocks and n not in tokens.origin]
     if len(carried) != 1:
         raise SkipGraph(f"the later blocks read {len(carried)} values computed by the earlier ones "
                         f"({', '.join(n.name for n in carried)}); token_skip needs exactly one hidden state")
@@ -358,19 +548,33 @@ def rewrite(
     hidden = _tensor(hidden_node)
     if hidden is None or hidden.dim() != 3:
         raise SkipGraph(f"the value '{hidden_node.name}' leaving block {start} is not a [batch, tokens, dim] tensor")
-    batch, seq, _ = hidden.shape
+    batch, count, _ = hidden.shape
     if any(isinstance(s, torch.SymInt) for s in hidden.shape):
         raise SkipGraph("the token count is symbolic (dynamic shapes); token_skip needs a static one")
+    if first:
+        tokens.seq = count
     if config.withdraw_start is not None:
-        span = (config.withdraw_start, min(config.withdraw_end, seq))
-        keep = seq - max(0, span[1] - span[0])
-        if keep >= seq:
-            raise _Unchanged(f"the withdrawn span starts at {span[0]}, past the {seq} tokens: the graph runs unchanged")
+        span = (config.withdraw_start, min(config.withdraw_end, count))
+        keep = count - max(0, span[1] - span[0])
+        if keep >= count:
+            raise _Unchanged(f"the withdrawn span starts at {span[0]}, past the {count} tokens: the graph runs unchanged")
+    elif config.withdraw_token_id is not None:
+        ids_node, ids = _token_ids(gm, example_inputs, batch, count)
+        counts = (ids == config.withdraw_token_id).sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise SkipGraph(f"the rows of the batch hold {counts.tolist()} tokens with withdraw_token_id "
+                            f"{config.withdraw_token_id}; token_skip needs one count (static shapes)")
+        keep = count - int(counts[0])
+        if keep >= count:
+            raise _Unchanged(f"no token has withdraw_token_id {config.withdraw_token_id}: the graph runs unchanged")
+        if keep < 1:
+            raise SkipGraph(f"every token has withdraw_token_id {config.withdraw_token_id}")
     else:
-        keep = math.ceil(config.keep_ratio * seq)
-        if keep >= seq:
-            raise _Unchanged(f"keep_ratio {config.keep_ratio} keeps all {seq} tokens: the graph runs unchanged")
-    report.metrics.update(tokens=seq, kept_tokens=keep, start_layer=start)
+        keep = max(1, math.ceil(fraction * tokens.seq))
+        if keep >= count:
+            if first:
+                raise _Unchanged(f"keep_ratio {fraction} keeps all {count} tokens: the graph runs unchanged")
+            return None
 
     outputs = [n for n in region if any(u not in members for u in n.users)]
     if len(outputs) != 1 or _tensor(outputs[0]) is None or tuple(_tensor(outputs[0]).shape) != tuple(hidden.shape):
@@ -379,55 +583,69 @@ def rewrite(
     final = outputs[0]
 
     # Which inputs carry the token dim, and where.
-    weights = _weight_nodes(gm, example_inputs)
-    token_dims: dict[torch.fx.Node, list[int]] = {}
-    masks = []
+    token_inputs: dict[torch.fx.Node, tuple[torch.fx.Node | None, list[int] | None, str]] = {}
     for node in externals:
         value = _tensor(node)
-        if node is hidden_node or value is None or node in weights or seq not in value.shape:
+        if node in tokens.origin:
+            token_inputs[node] = tokens.origin[node]
+        elif node is hidden_node or value is None or node in weights or count not in value.shape:
             continue
-        if value.dim() == 4 and value.shape[-1] == seq:
-            token_dims[node] = [d for d in (2, 3) if value.shape[d] == seq]
-            masks.append(node)
-        elif value.dim() in (2, 3) and value.shape[1] == seq and value.shape[0] in (1, batch):
-            token_dims[node] = [1]
+        elif value.dim() == 4 and value.shape[-1] == count:
+            token_inputs[node] = (node, [d for d in (2, 3) if value.shape[d] == count], "mask")
+            if not any(_is_mask_of_attention(user, node) for user in node.users if user in members):
+                raise SkipGraph(f"the later blocks read '{node.name}' of shape {tuple(value.shape)}, "
+                                "which is not an attention mask")
+        elif value.dim() in (2, 3) and value.shape[1] == count and value.shape[0] in (1, batch):
+            token_inputs[node] = (node, [1], "tokens")
         else:
             raise SkipGraph(f"the later blocks read '{node.name}' of shape {tuple(value.shape)}, "
                             "whose token dim token_skip cannot tell")
-    for node in masks:
-        if not any(_is_mask_of_attention(user, node) for user in node.users if user in members):
-            raise SkipGraph(f"the later blocks read '{node.name}' of shape {tuple(_tensor(node).shape)}, "
-                            "which is not an attention mask")
+    masks = [n for n, (_, _, kind) in token_inputs.items() if kind == "mask"]
 
     fake_mode = hidden.fake_mode  # the example values' own mode (the backend may run under another)
     anchor = _anchor(gm, region, config)
+    merging = config.strategy == "merge"
+    proportional = merging and config.proportional_attention
     graph = gm.graph
+    assign = None
     with graph.inserting_before(region[0]), fake_mode:
-        key_valid = None
-        if masks:
-            key_valid = graph.call_function(key_valid_from_mask, (masks[0],))
-            key_valid.meta["example_value"] = key_valid_from_mask(_tensor(masks[0]))
-        if config.withdraw_start is not None:
-            index = graph.call_function(outside_span, (hidden_node, *span))
-            index.meta["example_value"] = outside_span(hidden, *span)
+        if first:
+            valid = _add(graph, key_valid_from_mask, token_inputs[masks[0]][0]) if masks else None
+            sizes = _add(graph, initial_sizes, hidden_node, valid) if merging else None
         else:
-            selection = (keep, config.score, anchor, anchor == -1)
-            index = graph.call_function(select_tokens, (hidden_node, key_valid, *selection))
-            index.meta["example_value"] = select_tokens(hidden, _value(key_valid), *selection)
-        replacements = {}
-        if config.strategy == "merge":
-            assign = graph.call_function(assign_to_kept, (hidden_node, index))
-            assign.meta["example_value"] = assign_to_kept(hidden, index.meta["example_value"])
-            merged = graph.call_function(merge_tokens, (hidden_node, assign, key_valid, keep))
-            merged.meta["example_value"] = merge_tokens(
-                hidden, assign.meta["example_value"], _value(key_valid), keep)
-            replacements[hidden_node] = merged
-        for node, dims in [(hidden_node, [1]), *token_dims.items()]:
-            if node in replacements:
-                continue
-            gathered = graph.call_function(gather_tokens, (node, index, dims))
-            gathered.meta["example_value"] = gather_tokens(_tensor(node), index.meta["example_value"], dims)
-            replacements[node] = gathered
+            valid, sizes = tokens.valid, tokens.sizes
+        if config.withdraw_start is not None:
+            index = _add(graph, outside_span, hidden_node, *span)
+        elif config.withdraw_token_id is not None:
+            index = _add(graph, outside_token_id, ids_node, config.withdraw_token_id, count - keep)
+        elif merging and config.matching == "bipartite":
+            plan = _add(graph, bipartite_plan, hidden_node, sizes, keep, anchor == -1)
+            index = _add(graph, operator.getitem, plan, 0)
+            assign = _add(graph, operator.getitem, plan, 1)
+        else:
+            index = _add(graph, select_tokens, hidden_node, valid, keep, config.score, anchor, anchor == -1)
+        if merging:
+            if assign is None:
+                assign = _add(graph, assign_to_kept, hidden_node, index)
+            reduced = _add(graph, merge_tokens, hidden_node, sizes, index, assign)
+            sizes = _add(graph, merged_sizes, sizes, assign, keep)
+        else:
+            reduced = _add(graph, gather_tokens, hidden_node, index, [1])
+        positions = index if first else _add(graph, gather_tokens, tokens.positions, index, [1])
+        valid = _add(graph, gather_tokens, valid, index, [1]) if valid is not None else None
+        replacements = {hidden_node: reduced}
+        for node, (original, dims, kind) in token_inputs.items():
+            if kind == "bias":
+                new = _add(graph, size_bias, None, sizes, _tensor(node).dtype)
+            else:
+                new = _add(graph, gather_tokens, original, positions, dims)
+                if kind == "mask" and proportional:
+                    dtype = _tensor(new).dtype if _tensor(new).is_floating_point() else hidden.dtype
+                    new = _add(graph, size_bias, new, sizes, dtype)
+            replacements[node] = new
+            tokens.origin[new] = (original, dims, kind)
+        if proportional and not masks and not any(kind == "bias" for _, _, kind in token_inputs.values()):
+            _add_bias_mask(graph, region, sizes, tokens)
     for node in region:
         node.meta["zc_old_input_shape"] = (
             tuple(_tensor(node.args[0]).shape) if node.args and _tensor(node.args[0]) is not None else None)
@@ -436,38 +654,45 @@ def rewrite(
     with fake_mode:
         for node in region:
             old = node.meta["example_value"]
-            _rewrite_sizes(node, seq)
+            _rewrite_sizes(node, count)
             try:
                 new = _fake_run(node, node.args, node.kwargs)
             except Exception as error:
                 raise SkipGraph(f"op '{node.name}' does not run on fewer tokens: {type(error).__name__}: {error}") from error
             for o, n in zip(_tensors_of(old), _tensors_of(new)):
-                _check_shape(node, o.shape, n.shape, seq, keep, batch)
+                _check_shape(node, o.shape, n.shape, count, keep, batch)
             node.meta["example_value"] = new
             del node.meta["zc_old_input_shape"]
     users = [u for u in final.users if u not in members]
     with graph.inserting_after(final), fake_mode:
-        if config.strategy == "merge":
-            scattered = graph.call_function(unmerge_tokens, (hidden_node, assign, final, key_valid))
-            scattered.meta["example_value"] = unmerge_tokens(
-                hidden, assign.meta["example_value"], final.meta["example_value"], _value(key_valid))
+        if merging:
+            restored = _add(graph, unmerge_tokens, assign, final)
         else:
-            scattered = graph.call_function(scatter_tokens, (hidden_node, index, final))
-            scattered.meta["example_value"] = scatter_tokens(
-                hidden, index.meta["example_value"], final.meta["example_value"])
+            restored = _add(graph, scatter_tokens, hidden_node, index, final)
     for user in users:
-        user.replace_input_with(final, scattered)
-    graph.lint()
-    gm.recompile()
-    chosen = (f"tokens outside [{span[0]}, {span[1]}) (withdrawn span)" if config.withdraw_start is not None
-              else f"score {config.score}")
-    report.rewrote(
-        f"{prefix}.{start + 1}..{blocks[-1]}",
-        f"{keep} of {seq} tokens ({config.strategy}, {chosen}, anchor {'last' if anchor == -1 else 'first'}"
-        f"{', padding-aware' if masks else ''}) run blocks {start + 1}..{blocks[-1]}; the rest keep "
-        f"their state from block {start}",
-    )
-    return gm
+        user.replace_input_with(final, restored)
+    tokens.positions, tokens.valid, tokens.sizes = positions, valid, sizes
+    return start, keep
+
+
+def _add_bias_mask(graph: torch.fx.Graph, region: list[torch.fx.Node], sizes: torch.fx.Node, tokens: _Tokens) -> None:
+    """Proportional attention for a model without an attention mask: the ``log(size)`` bias
+    becomes the ``attn_mask`` of every SDPA call of the later blocks."""
+    attention = [n for n in region if n.target is _SDPA]
+    plain = [n for n in attention if not n.kwargs.get("is_causal") and n.kwargs.get("attn_mask") is None
+             and (len(n.args) < 4 or n.args[3] is None) and (len(n.args) < 6 or not n.args[5])]
+    if not attention or len(plain) != len(attention):
+        tokens.notes.append("the later blocks' attention is not all mask-free, non-causal SDPA and the model "
+                            "passes no attention mask to add log(size) to; merged tokens attend as one token each")
+        return
+    dtype = _tensor(attention[0].args[0]).dtype
+    bias = _add(graph, size_bias, None, sizes, dtype)
+    tokens.origin[bias] = (None, None, "bias")
+    for node in attention:
+        if len(node.args) >= 4:
+            node.args = (*node.args[:3], bias, *node.args[4:])
+        else:
+            node.kwargs = {**node.kwargs, "attn_mask": bias}
 
 
 class _Unchanged(Exception):
@@ -505,6 +730,21 @@ def _is_mask_of_attention(user: torch.fx.Node, mask: torch.fx.Node) -> bool:
     return False
 
 
+def _token_ids(
+    gm: torch.fx.GraphModule, example_inputs: Sequence[Any], batch: int, count: int
+) -> tuple[torch.fx.Node, torch.Tensor]:
+    """The graph input holding the token ids (the one integer ``[batch, tokens]`` input) and its
+    example value."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = [(n, x) for n, x in zip(placeholders, example_inputs)
+             if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool
+             and tuple(x.shape) == (batch, count)] if len(placeholders) == len(example_inputs) else []
+    if len(found) != 1:
+        raise SkipGraph(f"withdraw_token_id needs the token ids: found {len(found)} integer inputs of shape "
+                        f"({batch}, {count}) instead of one")
+    return found[0]
+
+
 def _weight_nodes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> set[torch.fx.Node]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weights = {n for n in gm.graph.nodes if n.op == "get_attr"}
@@ -532,6 +772,14 @@ def _anchor(gm: torch.fx.GraphModule, region: list[torch.fx.Node], config: Token
     return 0
 
 
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy sharing the example values (fake tensors of Dynamo's fake mode), which the rewrite
+    replaces rather than mutates; a deep copy would give them a fake mode of their own."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
 def prepare(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -540,13 +788,13 @@ def prepare(
     report: PassReport,
     on_rewritten: Callable[[torch.fx.GraphModule], None],
 ) -> Callable[..., Any] | None:
-    """The compiled graph with token skipping, or ``None`` (graph compiles unchanged) with the reason."""
-    # A copy sharing the example values (fake tensors of Dynamo's fake mode), which the rewrite
-    # replaces rather than mutates; a deep copy would give them a fake mode of their own.
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    rewritten = torch.fx.GraphModule(gm, graph)
+    """The compiled graph with token skipping, or ``None`` (graph compiles unchanged) with the
+    reason; with ``max_error``, an executor that calibrates the schedule on its first calls."""
+    rewritten = _copy(gm)
     try:
+        if config.max_error is not None:
+            block_stack(gm)  # a graph without blocks steps aside now, not after calibrating
+            return _calibrating(gm, example_inputs, config, compile_rest, report, on_rewritten)
         rewrite(rewritten, example_inputs, config, report)
     except _Unchanged as reason:
         report.status = "unchanged"
@@ -558,3 +806,139 @@ def prepare(
         return None
     on_rewritten(rewritten)
     return compile_rest(rewritten)
+
+
+# --- max_error: the schedule picked from calibration calls -----------------------------------
+
+CANDIDATE_FINAL_RATIOS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def candidate_families(blocks: int) -> list[list[tuple[float, ...]]]:
+    """Schedules ``max_error`` chooses from, in families ordered from the fewest tokens kept
+    (the error grows along a family as its last ratio shrinks, so a family is bisected): for each
+    block ``s`` that is the last to run on every token, either one drop to the last ratio after
+    it, or a linear decrease from 1 to the last ratio over the remaining blocks."""
+    families = []
+    for last_full in range(blocks - 1):
+        steps = blocks - 1 - last_full
+        shapes = [lambda f: (f,) * steps]
+        if steps > 1:
+            shapes.append(lambda f: tuple(1 - (1 - f) * (j + 1) / steps for j in range(steps)))
+        for shape in shapes:
+            families.append([(1.0,) * (last_full + 1) + shape(f) for f in CANDIDATE_FINAL_RATIOS])
+    return families
+
+
+def output_error(outputs: Any, reference: Any, measure: str = "outputs") -> float:
+    """1 - the cosine similarity of each sample's output (a row of the batch dim, flattened) to
+    the full model's, worst over the samples and floating-point outputs. ``measure="token_mean"``
+    compares ``[batch, tokens, dim]`` outputs averaged over their tokens (pooled embeddings)."""
+    worst = 0.0
+    flat, _ = torch.utils._pytree.tree_flatten(outputs)
+    expected, _ = torch.utils._pytree.tree_flatten(reference)
+    for out, ref in zip(flat, expected):
+        if not isinstance(ref, torch.Tensor) or not ref.is_floating_point() or ref.numel() == 0:
+            continue
+        if measure == "token_mean" and ref.dim() == 3:
+            out, ref = out.mean(dim=1), ref.mean(dim=1)
+        rows = ref.shape[0] if ref.dim() > 1 else 1
+        cos = F.cosine_similarity(out.reshape(rows, -1).double(), ref.reshape(rows, -1).double(), dim=1)
+        error = 1.0 - float(cos.min())
+        worst = max(worst, error if math.isfinite(error) else math.inf)
+    return worst
+
+
+def choose_schedule(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: TokenSkipConfig,
+    samples: Sequence[tuple[Sequence[Any], Any]],
+) -> tuple[tuple[float, ...] | None, float, int]:
+    """The candidate schedule with the fewest block-token steps whose ``output_error`` on the
+    calibration ``samples`` (inputs, full outputs) is within ``max_error``: ``(schedule or None,
+    its error, candidates run)``. Candidates run eagerly (the FX graph, no Inductor compile)."""
+    blocks = len(set(block_stack(gm)[1].values()))
+    errors: dict[tuple[float, ...], float] = {}
+    no_gain: set[tuple[float, ...]] = set()  # ratios so close to 1 that every block keeps all tokens
+
+    def error_of(schedule: tuple[float, ...]) -> float:
+        if schedule not in errors:
+            graph = _copy(gm)
+            try:
+                rewrite(graph, example_inputs, dataclasses.replace(config, schedule=schedule, max_error=None),
+                        PassReport("token_skip"))
+            except _Unchanged:
+                errors[schedule] = 0.0
+                no_gain.add(schedule)
+            else:
+                errors[schedule] = max(output_error(graph(*inputs), outputs, config.error_measure)
+                                       for inputs, outputs in samples)
+        return errors[schedule]
+
+    best: tuple[float, ...] | None = None
+    for family in candidate_families(blocks):
+        # the cheapest schedule of the family within the budget, among those cheaper than the best so far
+        cheaper = [s for s in family if best is None or sum(s) < sum(best)]
+        low, high = 0, len(cheaper)
+        while low < high:
+            middle = (low + high) // 2
+            if error_of(cheaper[middle]) <= config.max_error:
+                high = middle
+            else:
+                low = middle + 1
+        if low < len(cheaper) and cheaper[low] not in no_gain:
+            best = cheaper[low]
+    tried = [e for s, e in errors.items() if s not in no_gain]
+    return best, (errors[best] if best is not None else min(tried, default=0.0)), len(errors)
+
+
+def _calibrating(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    config: TokenSkipConfig,
+    compile_rest: Callable[..., Callable[..., Any]],
+    report: PassReport,
+    on_rewritten: Callable[[torch.fx.GraphModule], None],
+) -> Callable[..., Any]:
+    """The first ``calibration_calls`` calls run the full graph eagerly and keep their inputs and
+    outputs; then the schedule is chosen on them and compiled once for every later call."""
+    from zc.runtime import Phase, PhasedExecutor
+
+    samples: list[tuple[list[Any], Any]] = []
+    chosen: dict[str, Any] = {}
+    report.metrics["calibration"] = f"the first {config.calibration_calls} calls run the full graph to pick the schedule"
+
+    def record(*args: Any) -> Any:
+        outputs = gm(*args)
+        kept = [a.clone() if isinstance(a, torch.Tensor) and not is_weight_input(a) else a for a in args]
+        samples.append((kept, torch.utils._pytree.tree_map(
+            lambda t: t.clone() if isinstance(t, torch.Tensor) else t, outputs)))
+        return outputs
+
+    def choose() -> None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            schedule, error, runs = choose_schedule(gm, example_inputs, config, samples)
+        chosen["schedule"] = schedule
+        report.metrics["calibration"] = {
+            "max_error": config.max_error, "schedule": schedule, "error": error, "candidates_run": runs,
+            "calls": len(samples), "seconds": time.perf_counter() - start,
+            "error_measure": f"1 - cosine similarity of each sample's outputs to the full model's, worst case "
+                             f"({config.error_measure})"}
+        samples.clear()
+
+    def build() -> Callable[..., Any]:
+        if chosen["schedule"] is None:
+            report.status = "unchanged"
+            report.skipped("graph", f"no candidate schedule keeps the output error within max_error "
+                                    f"{config.max_error} on the calibration calls "
+                                    f"(least: {report.metrics['calibration']['error']:.3g}); the graph runs unchanged")
+            on_rewritten(gm)
+            return compile_rest(gm)
+        graph = _copy(gm)
+        rewrite(graph, example_inputs, dataclasses.replace(config, schedule=chosen["schedule"], max_error=None), report)
+        on_rewritten(graph)
+        return compile_rest(graph)
+
+    return PhasedExecutor([Phase("calibrate", lambda: record, calls=config.calibration_calls, on_end=choose),
+                           Phase("run", build)])

@@ -478,10 +478,11 @@ class Chain:
     # what each member reads of each argument occurrence; ``units`` are the exits' rows.
     rows: dict[torch.fx.Node, int] | None = None
     needs: dict[torch.fx.Node, list[Any]] | None = None
+    halo: bool = False  # over image rows: convolutions and upsampling read a wider band
 
     @property
     def spatial(self) -> bool:
-        return self.rows is not None
+        return self.halo
 
     def most_slices(self) -> int:
         return max(1, self.units // MIN_SLICE_ROWS) if self.spatial else self.units
@@ -667,8 +668,13 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
             try:
                 chain = _grow(seed, slicing, units, order)
             except _Rejected as why:
-                reasons.append(f"{label}: {why}")
-                continue
+                # Cut the chain at the conflict (the temporal attention of a video UNet reads
+                # the frames its spatial layers treat as batch) instead of dropping it.
+                try:
+                    chain = _grow_cut(seed, order, (slicing, units), taken)
+                except _Rejected as cut_why:
+                    reasons.append(f"{label}: {why}; cut at the conflict: {cut_why}")
+                    continue
             overlapping = [c for c in chains if any(n in c.nodes for n in chain.nodes)]
             if overlapping:
                 # The same slicing reaching a chain grown from a larger seed (the lower-resolution
@@ -679,7 +685,10 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
                     reasons.append(f"{label}: overlaps a chain already grouped and cannot join it ({why})")
                     continue
             internal, boundary = _chain_gain(chain)
-            if internal <= boundary * MIN_GAIN:
+            # A chain cut at a conflict is short (a norm's application and a convolution): it
+            # only needs an intermediate of its own, the schedule simulation says if it helps.
+            least = sum(_bytes(n) for n in chain.exits) if chain.needs is not None else boundary * MIN_GAIN
+            if internal <= least:
                 reasons.append(f"{label}: its intermediates ({internal} B) are not larger than what "
                                f"it reads and writes whole ({boundary} B)")
                 continue
@@ -754,19 +763,20 @@ def _constant_value(node: torch.fx.Node) -> torch.Tensor | None:
         return None
 
 
-def _row_inputs(node: torch.fx.Node, sliced: Slicing, rows: int) -> list[Any] | None:
+def _row_inputs(node: torch.fx.Node, sliced: Slicing, rows: int, halo: bool = True) -> list[Any] | None:
     """Like :func:`_input_slicings`, for a chain over image rows: each tensor occurrence's
     ``(slicing, rows)`` or ``WHOLE``. Convolutions and nearest upsampling slice their rows
-    (dim 2) with a halo; every other rule maps a band of rows to the same band."""
+    (dim 2) with a halo; every other rule maps a band of rows to the same band. Without
+    ``halo``, only the latter (a chain along an independent dim, ``rows`` its units)."""
     if node.op != "call_function":
         return None
-    if node.target is aten.convolution.default:
+    if halo and node.target is aten.convolution.default:
         shape = _shape(node)
         transposed = node.args[6]
         if sliced != Slicing(2) or shape is None or len(shape) != 4 or transposed or shape[2] != rows:
             return None
         return [(Slicing(2), _shape(node.args[0])[2])] + [WHOLE] * (len(_occurrences(node)) - 1)
-    if node.target is aten._unsafe_index.Tensor and sliced.dim == 2:
+    if halo and node.target is aten._unsafe_index.Tensor and sliced.dim == 2:
         if sliced != Slicing(2) or _row_index(node) is None or _shape(node)[2] != rows:
             return None
         return [(Slicing(2), _shape(node.args[0])[2])] + [WHOLE] * (len(_occurrences(node)) - 1)
@@ -776,9 +786,11 @@ def _row_inputs(node: torch.fx.Node, sliced: Slicing, rows: int) -> list[Any] | 
     return [need if need is WHOLE else (need, rows) for need in needed]
 
 
-def _input_rows(node: torch.fx.Node, occurrence: int, start: int, stop: int) -> tuple[int, int]:
+def _input_rows(node: torch.fx.Node, occurrence: int, start: int, stop: int, halo: bool = True) -> tuple[int, int]:
     """The rows of ``node``'s ``occurrence``-th input its output rows ``[start, stop)`` read
     (a convolution's may reach beyond the image: the zero padding)."""
+    if not halo:
+        return start, stop
     if occurrence == 0 and node.target is aten.convolution.default:
         kernel = _shape(node.args[1])[2]
         stride, padding, dilation = node.args[3][0], node.args[4][0], node.args[5][0]
@@ -789,30 +801,36 @@ def _input_rows(node: torch.fx.Node, occurrence: int, start: int, stop: int) -> 
     return start, stop
 
 
-def _row_output(user: torch.fx.Node, occurrence: int, given: tuple[Slicing, int]) -> tuple[Slicing, int] | None:
+def _row_output(user: torch.fx.Node, occurrence: int, given: tuple[Slicing, int],
+                halo: bool = True) -> tuple[Slicing, int] | None:
     """The ``(slicing, rows)`` of ``user``'s output under which its input reads ``given``."""
     shape = _shape(user)
     if shape is None:
         return None
-    if user.target in (aten.convolution.default, aten._unsafe_index.Tensor) and len(shape) == 4:
+    if halo and user.target in (aten.convolution.default, aten._unsafe_index.Tensor) and len(shape) == 4:
         candidates = [(Slicing(2), shape[2])]
     else:
         out = _output_slicing(user, occurrence, given[0], given[1])
         candidates = [] if out is None else [(out, given[1])]
     for out, rows in candidates:
-        needed = _row_inputs(user, out, rows)
+        needed = _row_inputs(user, out, rows, halo)
         if needed is not None and needed[occurrence] == given:
             return out, rows
     return None
 
 
-def _grow_rows(seed: torch.fx.Node, order: dict[torch.fx.Node, int]) -> Chain:
-    """The chain over the image rows of ``seed`` ``[N, C, H, W]``.
+def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple[Slicing, int] | None = None,
+              taken: set[torch.fx.Node] | frozenset = frozenset()) -> Chain:
+    """The chain over the image rows of ``seed`` ``[N, C, H, W]`` (or, given ``start``, along
+    that slicing of an independent dim, without halo).
 
     It grows through large producers and consumers like :func:`_grow`, but where it meets an op
-    it cannot take (a group norm's statistics, an attention over all pixels) it is cut there
-    instead of dropped: the part on the seed's side of the conflict is kept.
+    it cannot take (a group norm's statistics, an attention over all pixels, a temporal
+    attention over the frames a spatial layer treats as batch) it is cut there instead of
+    dropped: the part on the seed's side of the conflict is kept. Nodes in ``taken`` (other
+    chains) are not joined: the chain reads them, or they read it.
     """
+    halo = start is None
     threshold = _bytes(seed) * LARGE_FRACTION
     region: dict[torch.fx.Node, tuple[Slicing, int]] = {}
     needs: dict[torch.fx.Node, list[Any]] = {}
@@ -821,7 +839,9 @@ def _grow_rows(seed: torch.fx.Node, order: dict[torch.fx.Node, int]) -> Chain:
     def add(node: torch.fx.Node, sliced: tuple[Slicing, int]) -> bool:
         if node in region:
             return region[node] == sliced
-        needed = _row_inputs(node, *sliced)
+        if node in taken:
+            return False
+        needed = _row_inputs(node, *sliced, halo)
         if needed is None:
             return False
         region[node], needs[node] = sliced, needed
@@ -843,13 +863,12 @@ def _grow_rows(seed: torch.fx.Node, order: dict[torch.fx.Node, int]) -> Chain:
             for user in node.users:
                 if user not in region and user.op == "call_function":
                     index = _occurrences(user).index(node)
-                    out = _row_output(user, index, region[node])
+                    out = _row_output(user, index, region[node], halo)
                     if out is not None:
                         add(user, out)
 
-    shape = _shape(seed)
-    if not add(seed, (Slicing(2), shape[2])):
-        raise _Rejected("its rows cannot be sliced")
+    if not add(seed, start or (Slicing(2), _shape(seed)[2])):
+        raise _Rejected("its rows cannot be sliced" if halo else "it cannot be sliced")
     drain()
 
     def cut(conflict: torch.fx.Node) -> None:
@@ -897,7 +916,7 @@ def _grow_rows(seed: torch.fx.Node, order: dict[torch.fx.Node, int]) -> Chain:
             if need is not WHOLE and arg not in nodes:
                 entries[(arg, need[0])] = None
     return Chain({n: sliced for n, (sliced, _) in nodes.items()}, exit_rows.pop(), seed, entries, exits,
-                 rows={n: rows for n, (_, rows) in nodes.items()}, needs={n: needs[n] for n in nodes})
+                 rows={n: rows for n, (_, rows) in nodes.items()}, needs={n: needs[n] for n in nodes}, halo=halo)
 
 
 def _related(start: torch.fx.Node, region: dict[torch.fx.Node, Any], upward: bool) -> set[torch.fx.Node]:
@@ -947,12 +966,9 @@ def find_row_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
         if seed in taken:
             continue
         try:
-            chain = _grow_rows(seed, order)
+            chain = _grow_cut(seed, order, taken=taken)
         except _Rejected as why:
             report.skipped(seed.name, f"{list(_shape(seed))}, image rows: {why}")
-            continue
-        if any(n in taken for n in chain.nodes):
-            report.skipped(seed.name, f"{list(_shape(seed))}, image rows: overlaps a chain already grouped")
             continue
         # Whether slicing lowers the graph's peak is for the schedule simulation to say; a chain
         # only needs an intermediate of its own (the exits are written whole either way).
@@ -968,7 +984,8 @@ def find_row_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
 
 
 def rewrite_rows(graph: torch.fx.Graph, chain: Chain) -> None:
-    """Run a spatial chain band by band; each member computes the rows its consumers need."""
+    """Run a chain built by :func:`_grow_cut` band by band; each member computes the rows (units)
+    its consumers need: with a halo, wider bands upstream of each convolution."""
     members = list(chain.nodes)
     emit = _emitter(graph, members[-1])
     buffers = _exit_buffers(chain, emit)
@@ -981,7 +998,7 @@ def rewrite_rows(graph: torch.fx.Graph, chain: Chain) -> None:
                 continue
             for index, (arg, need) in enumerate(zip(_occurrences(node), chain.needs[node])):
                 if arg in chain.nodes and need is not WHOLE:
-                    low, high = _clip(_input_rows(node, index, *band[node]), chain.rows[arg])
+                    low, high = _clip(_input_rows(node, index, *band[node], chain.halo), chain.rows[arg])
                     have = band.get(arg, (low, high))
                     band[arg] = (min(have[0], low), max(have[1], high))
         computed: dict[torch.fx.Node, tuple[torch.fx.Node, int]] = {}
@@ -994,7 +1011,7 @@ def rewrite_rows(graph: torch.fx.Graph, chain: Chain) -> None:
                 if need is WHOLE:
                     read.append(arg)
                     continue
-                first, last = _clip(_input_rows(node, index, low, high), need[1])
+                first, last = _clip(_input_rows(node, index, low, high, chain.halo), need[1])
                 if arg in chain.nodes:
                     value, offset = computed[arg]
                     extent = band[arg][1] - band[arg][0]
@@ -1003,9 +1020,9 @@ def rewrite_rows(graph: torch.fx.Graph, chain: Chain) -> None:
                     read.append(_part(emit, arg, need[0], need[1], first, last))
             reads = iter(read)
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda _: next(reads))
-            if node.target is aten.convolution.default:
+            if chain.halo and node.target is aten.convolution.default:
                 args = _band_convolution(node, args, low, high, emit)
-            elif node.target is aten._unsafe_index.Tensor and chain.nodes[node].dim == 2:
+            elif chain.halo and node.target is aten._unsafe_index.Tensor and chain.nodes[node].dim == 2:
                 args = _band_upsample(node, args, low, high, emit)
             else:
                 args = _resize_args(node, args, chain.nodes[node], high - low)
@@ -1350,14 +1367,14 @@ def _rewrite_chains(graph: torch.fx.Graph, chains: list[Chain], rewrite_one: Cal
             "units": chain.units,
             "slices": chain.slices,
             "exits": [n.name for n in chain.exits],
-            "kind": "image rows with halo" if chain.spatial else "independent dim",
+            "kind": "image rows with halo" if chain.spatial else "independent dim" + (", cut at a conflict" if chain.needs else ""),
         }
         internal, boundary = _chain_gain(chain)
         entry["estimated_intermediates_bytes_before"] = internal
         entry["estimated_intermediates_bytes_after"] = internal * math.ceil(chain.units / chain.slices) // chain.units
         described.append(entry)
         report.rewrote(chain.seed.name, f"{chain.describe()} -> {chain.slices} slices")
-        rewrite_one(graph, chain)
+        (rewrite_rows if chain.needs is not None else rewrite_one)(graph, chain)
     return described
 
 

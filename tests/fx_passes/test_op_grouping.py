@@ -150,7 +150,8 @@ def test_softmax_and_norm_over_the_only_free_dims_block_slicing(tmp_path):
     for got, want in zip(out, expected):
         assert torch.equal(got, want)
     (report,) = _op_grouping_report(tmp_path)
-    assert report["status"] == "skipped"
+    # A chain cut short of the reductions may be found, but it holds no peak: nothing is sliced.
+    assert report["status"] in ("skipped", "unchanged") and not report["metrics"].get("chains")
     reasons = {s["where"]: s["reason"] for s in report["skips"]}
     # dim 0: the softmax's sum reads the chain and is broadcast back whole; dim 1: the norm's rsqrt.
     assert re.search(r"dim 0: sum_1 reads the chain", reasons["mm"]), reasons["mm"]
@@ -184,7 +185,7 @@ def test_slice_count_obeys_the_budget(tmp_path):
 
 
 def test_unreachable_budget_warns_with_the_achievable_peak(tmp_path):
-    x = torch.randn(1, 64, 64)
+    x = torch.randn(1, 16, 64)  # at most 16 slices: each is compiled code of its own
     with pytest.warns(ZcWarning, match=r"cannot bring .* under the memory budget of 10 B: the smallest estimated peak"):
         report = _budget_run(tmp_path, 10, x)
     assert report["metrics"]["budget_reached"] is False
@@ -273,6 +274,7 @@ def _tiny_vae():
                          layers_per_block=1).eval()
 
 
+@pytest.mark.slow
 def test_diffusers_vae_decoder_batch_1_row_bands(tmp_path):
     vae = _tiny_vae()
     z = torch.randn(1, 4, 16, 16)

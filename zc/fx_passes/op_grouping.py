@@ -839,8 +839,8 @@ def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple
     def add(node: torch.fx.Node, sliced: tuple[Slicing, int]) -> bool:
         if node in region:
             return region[node] == sliced
-        if node in taken:
-            return False
+        if node in taken or (node.target is operator.getitem and node.args[0] not in region):
+            return False  # a projection of a tuple goes with the tuple (never a slice of it)
         needed = _row_inputs(node, *sliced, halo)
         if needed is None:
             return False
@@ -897,12 +897,20 @@ def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple
         cut(min(between, key=order.__getitem__))
         _keep_connected(region, seed)
 
-    # A view read only outside the chain (the reshape a norm's statistics start from) would be
-    # an exit of its own, copied into a buffer: it stays outside, a view of the exit it aliases.
-    while sinks := [n for n in region if n is not seed and n.target in _ALIASES
-                    and not isinstance(_val(n.args[0]), (tuple, list)) and not any(u in region for u in n.users)]:
+    # Members read only outside the chain that save nothing stay outside: a view (the reshape a
+    # norm's statistics start from) would be an exit of its own, copied into a buffer; an op
+    # reading only exits (a resnet's shortcut convolution) would be computed early and held.
+    def saves_nothing(node: torch.fx.Node) -> bool:
+        if node is seed or any(u in region for u in node.users):
+            return False
+        if node.target in _ALIASES:
+            return not isinstance(_val(node.args[0]), (tuple, list))
+        return all(any(u not in region for u in arg.users) for arg in _occurrences(node) if arg in region)
+
+    while sinks := [n for n in region if saves_nothing(n)]:
         for node in sinks:
             del region[node]
+        _keep_connected(region, seed)
     nodes = dict(sorted(region.items(), key=lambda item: order[item[0]]))
     exits = [n for n in nodes if any(u not in nodes for u in n.users)]
     if any(isinstance(_val(n), (tuple, list)) for n in exits):
@@ -1012,7 +1020,9 @@ def rewrite_rows(graph: torch.fx.Graph, chain: Chain) -> None:
                     read.append(arg)
                     continue
                 first, last = _clip(_input_rows(node, index, low, high, chain.halo), need[1])
-                if arg in chain.nodes:
+                if arg in chain.nodes and isinstance(_val(arg), (tuple, list)):
+                    read.append(computed[arg][0])  # its projections take the same band
+                elif arg in chain.nodes:
                     value, offset = computed[arg]
                     extent = band[arg][1] - band[arg][0]
                     read.append(_part(emit, value, need[0], extent, first - offset, last - offset))
@@ -1170,6 +1180,17 @@ def choose_slices(graph: torch.fx.Graph, chains: list[Chain], config: OpGrouping
             if chain.slices > 1:
                 chain.slices = min(cap, chain.most_slices())
         peak = _estimate(graph, chains)[0]
+        # Bands of image rows cost only their halo: each row chain is cut unless that raises
+        # the estimate (the estimate cannot tell which of several near-equal peaks Inductor's
+        # fusion and layout copies make the real one).
+        for chain in chains:
+            if chain.spatial and chain.slices < 2:
+                chain.slices = min(cap, chain.most_slices())
+                cut = _estimate(graph, chains)[0]
+                if cut > peak:
+                    chain.slices = 1
+                else:
+                    peak = cut
     return before, peak
 
 

@@ -675,6 +675,7 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
                 except _Rejected as cut_why:
                     reasons.append(f"{label}: {why}; cut at the conflict: {cut_why}")
                     continue
+                reasons.append(f"{label}: {why}; cut there ({len(chain.nodes)} ops left)")
             overlapping = [c for c in chains if any(n in c.nodes for n in chain.nodes)]
             if overlapping:
                 # The same slicing reaching a chain grown from a larger seed (the lower-resolution
@@ -700,6 +701,8 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
             report.skipped(seed.name, f"{list(_shape(seed))}: " + "; ".join(reasons or ["no dim to slice"]))
             continue
         chain = best[1]
+        if reasons:
+            report.skipped(seed.name, f"{list(_shape(seed))}: dims not taken whole: " + "; ".join(reasons))
         chains[:] = [c for c in chains if not any(n in chain.nodes for n in c.nodes)]
         chains.append(chain)
         taken.update(chain.nodes)

@@ -248,7 +248,7 @@ def test_conv_stack_row_bands_with_halo_have_no_seams(tmp_path):
     with torch.no_grad():
         expected = torch.compile(stack, backend="inductor")(x)
         torch._dynamo.reset()
-        out, (code,) = run_and_get_code(_compile_zc(stack, tmp_path, max_slices=4), x)
+        out, (code,) = run_and_get_code(_compile_zc(stack, tmp_path, max_slices=4, spatial=True), x)
         # Bands computed independently, each with the convolutions' zero padding at its edges:
         # what hand tiling without a halo gives.
         seams = torch.cat([stack(x[:, :, rows]) for rows in torch.arange(32).chunk(4)], dim=2)
@@ -287,7 +287,7 @@ def test_diffusers_vae_decoder_batch_1_row_bands(tmp_path):
     with torch.no_grad():
         expected = torch.compile(decode, backend="inductor")(z)
         torch._dynamo.reset()
-        out = _compile_zc(decode, tmp_path, max_slices=4)(z)
+        out = _compile_zc(decode, tmp_path, max_slices=4, spatial=True)(z)
         eager = decode(z)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, eager)

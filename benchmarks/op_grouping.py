@@ -256,7 +256,7 @@ def zc_report(name: str, quick: bool) -> dict[str, Any]:
         "status": [p["status"] for p in passes],
         "estimated_peak_bytes": [(p["metrics"].get("estimated_peak_bytes_before"),
                                   p["metrics"].get("estimated_peak_bytes_after")) for p in passes],
-        "chains": [{k: c[k] for k in ("seed", "dim", "units", "slices")} | {"ops": len(c["ops"])}
+        "chains": [{k: c.get(k) for k in ("seed", "dim", "units", "slices", "kind")} | {"ops": len(c["ops"])}
                    for p in passes for c in p["metrics"].get("chains", [])],
     }
 

@@ -354,10 +354,16 @@ class OpGroupingConfig(PassConfig):
     fits (a budget no slicing reaches compiles the smallest peak found, with a warning).
     ``max_slices``: the most slices per chain; without a budget every worthwhile chain is cut
     into this many (8 when neither is given).
+    ``spatial``: also cut chains of convolutions / pointwise ops / nearest upsampling over
+    ``[N, C, H, W]`` images into bands of rows, each widened by the halo its convolutions read
+    (after the chains along independent dims, inside their slices). Off by default: exact on
+    the VAE decoders and conv stacks tested, but WRONG on diffusers' UNetMotionModel (cause not
+    found yet) - opt in only for decoder-like conv stacks.
     """
 
     memory_budget: int | str | None = None
     max_slices: int | None = None
+    spatial: bool = False
 
     shorthand: ClassVar[str | None] = "memory_budget"
 

@@ -81,6 +81,11 @@ class Slicing:
 
 
 WHOLE = "whole"
+# Marks the full-size view of an exit buffer a rewrite leaves behind: a later chain reads it as
+# an entry, never as a member (its storage is written by the copies of the earlier chain).
+_SLICED_EXIT = "zc_op_grouping_sliced_exit"
+# A row slice of a spatial chain keeps at least this many rows (the halo is recomputed per slice).
+MIN_SLICE_ROWS = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,8 +355,10 @@ def _is_pointwise(node: torch.fx.Node) -> bool:
 
 def _input_slicings(node: torch.fx.Node, out: Slicing, units: int) -> list[Any] | None:
     """Slicing (or ``WHOLE``) of each tensor occurrence in ``node``'s arguments for ``out``."""
-    if node.op != "call_function":
+    if node.op != "call_function" or node.meta.get(_SLICED_EXIT):
         return None
+    if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+        return None  # the copy_ that stores a slice into a preallocated exit buffer
     shape = _shape(node)
     if shape is None or out.dim >= len(shape) or shape[out.dim] != out.outer * units * out.inner:
         return None
@@ -467,13 +474,23 @@ class Chain:
     entries: dict[tuple[torch.fx.Node, Slicing], None]
     exits: list[torch.fx.Node]
     slices: int = 1
+    # Spatial chains (image rows with a halo): each node's row count (upsampling changes it) and
+    # what each member reads of each argument occurrence; ``units`` are the exits' rows.
+    rows: dict[torch.fx.Node, int] | None = None
+    needs: dict[torch.fx.Node, list[Any]] | None = None
+    halo: bool = False  # over image rows: convolutions and upsampling read a wider band
+
+    @property
+    def spatial(self) -> bool:
+        return self.halo
+
+    def most_slices(self) -> int:
+        return max(1, self.units // MIN_SLICE_ROWS) if self.spatial else self.units
 
     def describe(self) -> str:
         seed = self.nodes[self.seed]
-        return (
-            f"{len(self.nodes)} ops around {self.seed.name} {list(_shape(self.seed))}, "
-            f"dim {seed.dim} ({self.units} units)"
-        )
+        what = f"image rows ({self.units} rows, with halo)" if self.spatial else f"dim {seed.dim} ({self.units} units)"
+        return f"{len(self.nodes)} ops around {self.seed.name} {list(_shape(self.seed))}, {what}"
 
 
 class _Rejected(Exception):
@@ -651,8 +668,14 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
             try:
                 chain = _grow(seed, slicing, units, order)
             except _Rejected as why:
-                reasons.append(f"{label}: {why}")
-                continue
+                # Cut the chain at the conflict (the temporal attention of a video UNet reads
+                # the frames its spatial layers treat as batch) instead of dropping it.
+                try:
+                    chain = _grow_cut(seed, order, (slicing, units), taken)
+                except _Rejected as cut_why:
+                    reasons.append(f"{label}: {why}; cut at the conflict: {cut_why}")
+                    continue
+                reasons.append(f"{label}: {why}; cut there ({len(chain.nodes)} ops left)")
             overlapping = [c for c in chains if any(n in c.nodes for n in chain.nodes)]
             if overlapping:
                 # The same slicing reaching a chain grown from a larger seed (the lower-resolution
@@ -663,7 +686,10 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
                     reasons.append(f"{label}: overlaps a chain already grouped and cannot join it ({why})")
                     continue
             internal, boundary = _chain_gain(chain)
-            if internal <= boundary * MIN_GAIN:
+            # A chain cut at a conflict is short (a norm's application and a convolution): it
+            # only needs an intermediate of its own, the schedule simulation says if it helps.
+            least = sum(_bytes(n) for n in chain.exits) if chain.needs is not None else boundary * MIN_GAIN
+            if internal <= least:
                 reasons.append(f"{label}: its intermediates ({internal} B) are not larger than what "
                                f"it reads and writes whole ({boundary} B)")
                 continue
@@ -675,6 +701,8 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
             report.skipped(seed.name, f"{list(_shape(seed))}: " + "; ".join(reasons or ["no dim to slice"]))
             continue
         chain = best[1]
+        if reasons:
+            report.skipped(seed.name, f"{list(_shape(seed))}: dims not taken whole: " + "; ".join(reasons))
         chains[:] = [c for c in chains if not any(n in chain.nodes for n in c.nodes)]
         chains.append(chain)
         taken.update(chain.nodes)
@@ -692,25 +720,423 @@ def _merge(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.
 
 
 # ---------------------------------------------------------------------------------------------
+# spatial chains: image rows, with the halo convolutions need
+#
+# A chain of convolutions, pointwise ops and nearest upsampling over ``[N, C, H, W]`` images is
+# cut into bands of rows. Each member computes the rows its consumers in the chain need: a
+# convolution's input band is its output band widened by the kernel's reach (the halo), an
+# upsample's the source rows of its index. A band in the middle reads real neighbour rows; a band
+# at the border pads with the zeros the convolution's own padding would add, so every row is
+# computed from the same inputs as in the whole image: no seams. Reductions over the rows (the
+# statistics of a group norm) never join: the statistics are computed on the whole tensor before
+# the chain and read whole by every band, which applies the normalisation to its rows.
+
+
+def _row_index(node: torch.fx.Node) -> torch.Tensor | None:
+    """The source row of each output row of a nearest upsample ``_unsafe_index(x, [None, None,
+    rows, cols])`` whose index is computed from constants only (iota arithmetic)."""
+    indices = node.args[1]
+    shape = _shape(node)
+    if (len(indices) < 3 or indices[0] is not None or indices[1] is not None
+            or not isinstance(indices[2], torch.fx.Node) or shape is None or len(shape) != 4):
+        return None
+    index_shape = _shape(indices[2])
+    if index_shape is None or index_shape != (shape[2],) + (1,) * (len(indices) - 3):
+        return None
+    if "zc_row_index" not in node.meta:
+        node.meta["zc_row_index"] = _constant_value(indices[2])
+    return node.meta["zc_row_index"]
+
+
+def _constant_value(node: torch.fx.Node) -> torch.Tensor | None:
+    values: dict[torch.fx.Node, Any] = {}
+
+    def evaluate(n: torch.fx.Node) -> Any:
+        if n not in values:
+            if n.op != "call_function" or len(values) > 64:
+                raise _Rejected("not a constant")
+            args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), evaluate)
+            values[n] = n.target(*args, **kwargs)
+        return values[n]
+
+    try:
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            return evaluate(node).reshape(-1).cpu()
+    except Exception:  # noqa: BLE001 - anything not computable from constants is not sliced
+        return None
+
+
+def _row_inputs(node: torch.fx.Node, sliced: Slicing, rows: int, halo: bool = True) -> list[Any] | None:
+    """Like :func:`_input_slicings`, for a chain over image rows: each tensor occurrence's
+    ``(slicing, rows)`` or ``WHOLE``. Convolutions and nearest upsampling slice their rows
+    (dim 2) with a halo; every other rule maps a band of rows to the same band. Without
+    ``halo``, only the latter (a chain along an independent dim, ``rows`` its units)."""
+    if node.op != "call_function":
+        return None
+    if halo and node.target is aten.convolution.default:
+        shape = _shape(node)
+        transposed = node.args[6]
+        if (sliced != Slicing(2) or shape is None or len(shape) != 4 or transposed or shape[2] != rows
+                or node.args[3][0] != 1):
+            return None  # stride 1 over the rows only (the bands of a strided one are untested)
+        return [(Slicing(2), _shape(node.args[0])[2])] + [WHOLE] * (len(_occurrences(node)) - 1)
+    if halo and node.target is aten._unsafe_index.Tensor and sliced.dim == 2:
+        if sliced != Slicing(2) or _row_index(node) is None or _shape(node)[2] != rows:
+            return None
+        return [(Slicing(2), _shape(node.args[0])[2])] + [WHOLE] * (len(_occurrences(node)) - 1)
+    if halo and not (_is_pointwise(node) or node.target in _ROW_OPS):
+        # Only what is tested exact over bands (a VAE decoder's ops): a video UNet's row chains
+        # through permutes / cats / strided convolutions gave wrong results, not yet found why.
+        return None
+    needed = _input_slicings(node, sliced, rows)
+    if needed is None:
+        return None
+    return [need if need is WHOLE else (need, rows) for need in needed]
+
+
+_ROW_OPS = _VIEWS | {aten.clone.default, operator.getitem}
+
+
+def _input_rows(node: torch.fx.Node, occurrence: int, start: int, stop: int, halo: bool = True) -> tuple[int, int]:
+    """The rows of ``node``'s ``occurrence``-th input its output rows ``[start, stop)`` read
+    (a convolution's may reach beyond the image: the zero padding)."""
+    if not halo:
+        return start, stop
+    if occurrence == 0 and node.target is aten.convolution.default:
+        kernel = _shape(node.args[1])[2]
+        stride, padding, dilation = node.args[3][0], node.args[4][0], node.args[5][0]
+        return start * stride - padding, (stop - 1) * stride - padding + dilation * (kernel - 1) + 1
+    if occurrence == 0 and node.target is aten._unsafe_index.Tensor:
+        source = _row_index(node)[start:stop]
+        return int(source.min()), int(source.max()) + 1
+    return start, stop
+
+
+def _row_output(user: torch.fx.Node, occurrence: int, given: tuple[Slicing, int],
+                halo: bool = True) -> tuple[Slicing, int] | None:
+    """The ``(slicing, rows)`` of ``user``'s output under which its input reads ``given``."""
+    shape = _shape(user)
+    if shape is None:
+        return None
+    if halo and user.target in (aten.convolution.default, aten._unsafe_index.Tensor) and len(shape) == 4:
+        candidates = [(Slicing(2), shape[2])]
+    else:
+        out = _output_slicing(user, occurrence, given[0], given[1])
+        candidates = [] if out is None else [(out, given[1])]
+    for out, rows in candidates:
+        needed = _row_inputs(user, out, rows, halo)
+        if needed is not None and needed[occurrence] == given:
+            return out, rows
+    return None
+
+
+def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple[Slicing, int] | None = None,
+              taken: set[torch.fx.Node] | frozenset = frozenset()) -> Chain:
+    """The chain over the image rows of ``seed`` ``[N, C, H, W]`` (or, given ``start``, along
+    that slicing of an independent dim, without halo).
+
+    It grows through large producers and consumers like :func:`_grow`, but where it meets an op
+    it cannot take (a group norm's statistics, an attention over all pixels, a temporal
+    attention over the frames a spatial layer treats as batch) it is cut there instead of
+    dropped: the part on the seed's side of the conflict is kept. Nodes in ``taken`` (other
+    chains) are not joined: the chain reads them, or they read it.
+    """
+    halo = start is None
+    threshold = _bytes(seed) * LARGE_FRACTION
+    region: dict[torch.fx.Node, tuple[Slicing, int]] = {}
+    needs: dict[torch.fx.Node, list[Any]] = {}
+    work: list[torch.fx.Node] = []
+
+    def add(node: torch.fx.Node, sliced: tuple[Slicing, int]) -> bool:
+        if node in region:
+            return region[node] == sliced
+        if node in taken or (node.target is operator.getitem and node.args[0] not in region):
+            return False  # a projection of a tuple goes with the tuple (never a slice of it)
+        needed = _row_inputs(node, *sliced, halo)
+        if needed is None:
+            return False
+        region[node], needs[node] = sliced, needed
+        work.append(node)
+        if isinstance(_val(node), (tuple, list)):
+            for user in node.users:
+                add(user, sliced)
+        return True
+
+    def drain() -> None:
+        while work:
+            node = work.pop()
+            for arg, need in zip(_occurrences(node), needs[node]):
+                if need is not WHOLE and arg not in region and arg.op == "call_function" and _bytes(arg) >= threshold:
+                    add(arg, need)
+            epilogue = len(node.users) == 1 and all(_is_pointwise(u) or u.target in _ALIASES for u in node.users)
+            if _bytes(node) < threshold and node is not seed and not epilogue:
+                continue
+            for user in node.users:
+                if user not in region and user.op == "call_function":
+                    index = _occurrences(user).index(node)
+                    out = _row_output(user, index, region[node], halo)
+                    if out is not None:
+                        add(user, out)
+
+    if not add(seed, start or (Slicing(2), _shape(seed)[2])):
+        raise _Rejected("its rows cannot be sliced" if halo else "it cannot be sliced")
+    drain()
+
+    def cut(conflict: torch.fx.Node) -> None:
+        """Drop the members on the far side of ``conflict`` from the seed: ``conflict`` is a
+        node outside the chain on a path out of it and back, or a member reading another member
+        under other rows than it has (dropped with its descendants when the seed is upstream)."""
+        ancestors, descendants = _related(conflict, region, upward=True), _related(conflict, region, upward=False)
+        if seed in ancestors:
+            descendants.add(conflict)
+        for node in descendants if seed in ancestors else ancestors:
+            region.pop(node, None)
+
+    while True:
+        # A projection whose tuple a cut left outside goes too (a tuple is never sliced).
+        orphan = next((n for n in region if n.target is operator.getitem and n.args[0] not in region), None)
+        if orphan is not None:
+            dropped = {orphan} | _related(orphan, region, upward=False)
+            if seed in dropped:
+                raise _Rejected(f"{seed.name} depends on a projection of a tuple outside the chain")
+            for node in dropped:
+                del region[node]
+            _keep_connected(region, seed)
+            continue
+        # A member reading another member under other rows than it has: cut at the reader.
+        clash = next((node for node in region for arg, need in zip(_occurrences(node), needs[node])
+                      if arg in region and need != region[arg]), None)
+        if clash is not None:
+            if clash is seed:
+                raise _Rejected(f"{seed.name} reads a member under other rows")
+            cut(clash)
+            _keep_connected(region, seed)
+            continue
+        between = _between(region, order)
+        if not between:
+            break
+        cut(min(between, key=order.__getitem__))
+        _keep_connected(region, seed)
+
+    # Members read only outside the chain that save nothing stay outside: a view (the reshape a
+    # norm's statistics start from) would be an exit of its own, copied into a buffer; an op
+    # reading only exits (a resnet's shortcut convolution) would be computed early and held.
+    def saves_nothing(node: torch.fx.Node) -> bool:
+        if node is seed or any(u in region for u in node.users):
+            return False
+        if node.target in _ALIASES:
+            return not isinstance(_val(node.args[0]), (tuple, list))
+        return all(any(u not in region for u in arg.users) for arg in _occurrences(node) if arg in region)
+
+    while sinks := [n for n in region if saves_nothing(n)]:
+        for node in sinks:
+            del region[node]
+        _keep_connected(region, seed)
+    nodes = dict(sorted(region.items(), key=lambda item: order[item[0]]))
+    exits = [n for n in nodes if any(u not in nodes for u in n.users)]
+    if any(isinstance(_val(n), (tuple, list)) for n in exits):
+        raise _Rejected("a multi-output op of the chain is read outside it")
+    exit_rows = {nodes[n][1] for n in exits}
+    if len(exit_rows) != 1:
+        raise _Rejected(f"its exits have different row counts {sorted(exit_rows)}")
+    entries = {}
+    for node in nodes:
+        for arg, need in zip(_occurrences(node), needs[node]):
+            if need is not WHOLE and arg not in nodes:
+                entries[(arg, need[0])] = None
+    return Chain({n: sliced for n, (sliced, _) in nodes.items()}, exit_rows.pop(), seed, entries, exits,
+                 rows={n: rows for n, (_, rows) in nodes.items()}, needs={n: needs[n] for n in nodes}, halo=halo)
+
+
+def _related(start: torch.fx.Node, region: dict[torch.fx.Node, Any], upward: bool) -> set[torch.fx.Node]:
+    """Members of ``region`` that are ancestors (``upward``) or descendants of ``start``."""
+    found: set[torch.fx.Node] = set()
+    seen: set[torch.fx.Node] = set()
+    frontier = [start]
+    while frontier:
+        node = frontier.pop()
+        for other in (_occurrences(node) if upward else node.users):
+            if other not in seen:
+                seen.add(other)
+                if other in region:
+                    found.add(other)
+                frontier.append(other)
+    return found
+
+
+def _keep_connected(region: dict[torch.fx.Node, Any], seed: torch.fx.Node) -> None:
+    """Keep the members connected to ``seed`` through member-to-member edges."""
+    kept, frontier = {seed}, [seed]
+    while frontier:
+        node = frontier.pop()
+        for other in list(_occurrences(node)) + list(node.users):
+            if other in region and other not in kept:
+                kept.add(other)
+                frontier.append(other)
+    for node in [n for n in region if n not in kept]:
+        del region[node]
+
+
+def find_row_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
+    """Spatial chains over the image rows of the largest 4-d activations."""
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    candidates = [
+        n for n in graph.nodes
+        if n.op == "call_function" and _materialized(n) and _shape(n) and len(_shape(n)) == 4
+        and _shape(n)[2] >= 2 * MIN_SLICE_ROWS and not isinstance(_val(n), (tuple, list))
+    ]
+    candidates.sort(key=lambda n: (-_bytes(n), order[n]))
+    largest = _bytes(candidates[0]) if candidates else 0
+    taken: set[torch.fx.Node] = set()
+    chains: list[Chain] = []
+    for seed in candidates:
+        if _bytes(seed) * 8 < largest:
+            break
+        if seed in taken:
+            continue
+        try:
+            chain = _grow_cut(seed, order, taken=taken)
+        except _Rejected as why:
+            report.skipped(seed.name, f"{list(_shape(seed))}, image rows: {why}")
+            continue
+        # Whether slicing lowers the graph's peak is for the schedule simulation to say; a chain
+        # only needs an intermediate of its own (the exits are written whole either way).
+        internal, _ = _chain_gain(chain)
+        exits = sum(_bytes(n) for n in chain.exits)
+        if internal <= exits:
+            report.skipped(seed.name, f"{list(_shape(seed))}, image rows: no intermediate besides its exits "
+                           f"({internal} B at its peak, {exits} B of exits)")
+            continue
+        chains.append(chain)
+        taken.update(chain.nodes)
+    return sorted(chains, key=lambda c: order[next(iter(c.nodes))])
+
+
+def rewrite_rows(graph: torch.fx.Graph, chain: Chain) -> None:
+    """Run a chain built by :func:`_grow_cut` band by band; each member computes the rows (units)
+    its consumers need: with a halo, wider bands upstream of each convolution."""
+    members = list(chain.nodes)
+    emit = _emitter(graph, members[-1])
+    buffers = _exit_buffers(chain, emit)
+    for start, stop in _bounds(chain.units, chain.slices):
+        # Which rows each member computes in this band, from the exits back (the halo widens
+        # the band at every convolution); rows outside the image are clipped.
+        band: dict[torch.fx.Node, tuple[int, int]] = {e: (start, stop) for e in chain.exits}
+        for node in reversed(members):
+            if node not in band:
+                continue
+            for index, (arg, need) in enumerate(zip(_occurrences(node), chain.needs[node])):
+                if arg in chain.nodes and need is not WHOLE:
+                    low, high = _clip(_input_rows(node, index, *band[node], chain.halo), chain.rows[arg])
+                    have = band.get(arg, (low, high))
+                    band[arg] = (min(have[0], low), max(have[1], high))
+        computed: dict[torch.fx.Node, tuple[torch.fx.Node, int]] = {}
+        for node in members:
+            if node not in band:
+                continue
+            low, high = band[node]
+            read = []
+            for index, (arg, need) in enumerate(zip(_occurrences(node), chain.needs[node])):
+                if need is WHOLE:
+                    read.append(arg)
+                    continue
+                first, last = _clip(_input_rows(node, index, low, high, chain.halo), need[1])
+                if arg in chain.nodes and isinstance(_val(arg), (tuple, list)):
+                    read.append(computed[arg][0])  # its projections take the same band
+                elif arg in chain.nodes:
+                    value, offset = computed[arg]
+                    extent = band[arg][1] - band[arg][0]
+                    read.append(_part(emit, value, need[0], extent, first - offset, last - offset))
+                else:
+                    read.append(_part(emit, arg, need[0], need[1], first, last))
+            reads = iter(read)
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda _: next(reads))
+            if chain.halo and node.target is aten.convolution.default:
+                args = _band_convolution(node, args, low, high, emit)
+            elif chain.halo and node.target is aten._unsafe_index.Tensor and chain.nodes[node].dim == 2:
+                args = _band_upsample(node, args, low, high, emit)
+            else:
+                args = _resize_args(node, args, chain.nodes[node], high - low)
+            computed[node] = (emit(node.target, args, kwargs, like=node), low)
+        for exit_node, buffer in buffers.items():
+            value, offset = computed[exit_node]
+            extent = band[exit_node][1] - band[exit_node][0]
+            part = _part(emit, value, chain.nodes[exit_node], extent, start - offset, stop - offset)
+            _store_slice(chain, exit_node, buffer, part, start, stop, emit)
+    _replace_exits(graph, chain, buffers, emit)
+
+
+def _clip(rows: tuple[int, int], total: int) -> tuple[int, int]:
+    return max(rows[0], 0), min(rows[1], total)
+
+
+def _band_convolution(node: torch.fx.Node, args: tuple, low: int, high: int,
+                      emit: Callable[..., torch.fx.Node]) -> tuple:
+    """A band's convolution: no row padding; the rows it reaches beyond the image are the zeros
+    the original padding would have added, the others come from the input band."""
+    first, last = _input_rows(node, 0, low, high)
+    above, below = max(0, -first), max(0, last - _shape(node.args[0])[2])
+    source = args[0]
+    if above or below:
+        source = emit(aten.constant_pad_nd.default, (source, [0, 0, above, below], 0.0))
+    padding = list(node.args[4])
+    return (source, *args[1:4], [0, *padding[1:]], *args[5:])
+
+
+def _band_upsample(node: torch.fx.Node, args: tuple, low: int, high: int,
+                   emit: Callable[..., torch.fx.Node]) -> tuple:
+    """A band's nearest upsample: the output rows' entries of the row index, shifted to the
+    source band's first row."""
+    first, _ = _input_rows(node, 0, low, high)
+    indices = list(args[1])
+    rows = emit(aten.slice.Tensor, (indices[2], 0, low, high))
+    if first:
+        rows = emit(aten.sub.Tensor, (rows, first))
+    indices[2] = rows
+    return (args[0], indices, *args[2:])
+
+
+# ---------------------------------------------------------------------------------------------
 # slice counts
 
 
 def _schedule(graph: torch.fx.Graph, chains: Sequence[Chain]) -> list[_Item]:
-    """The abstract schedule of the graph after rewriting ``chains`` with their slice counts."""
-    owner = {node: chain for chain in chains for node in chain.nodes}
-    last_of = {list(chain.nodes)[-1]: chain for chain in chains}
+    """The abstract schedule of the graph after rewriting ``chains`` with their slice counts.
+
+    As the rewrite leaves it: a sliced chain runs as one block where its last member was, its
+    exits' full buffers allocated first and each slice's part of an exit dying at its copy; the
+    ops between its members that read an exit move after the block (the topological sort).
+    """
+    sliced = [chain for chain in chains if chain.slices > 1]
+    owner = {node: chain for chain in sliced for node in chain.nodes}
+    last_of = {list(chain.nodes)[-1]: chain for chain in sliced}
     items: list[_Item] = []
+    done: set[torch.fx.Node] = set()
+    deferred: list[torch.fx.Node] = []
+
+    def ready(node: torch.fx.Node) -> bool:
+        return all(arg in done or arg.op in ("placeholder", "get_attr") for arg in _occurrences(node))
+
+    def place(node: torch.fx.Node) -> None:
+        items.append(_Item(node, _bytes(node) if _materialized(node) else 0, _occurrences(node),
+                           node.args[0] if node.target in _ALIASES else None))
+        done.add(node)
+
     for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
         chain = owner.get(node)
         if chain is None:
-            if node.op in ("placeholder", "get_attr"):
-                continue
-            items.append(_Item(node, _bytes(node) if _materialized(node) else 0, _occurrences(node),
-                               node.args[0] if node.target in _ALIASES else None))
+            if ready(node) and not deferred:
+                place(node)
+            else:
+                deferred.append(node)
             continue
         if node not in last_of:
             continue
         largest_slice = math.ceil(chain.units / chain.slices)
+        for exit_node in chain.exits:
+            items.append(_Item(exit_node, _bytes(exit_node), []))
         for k in range(chain.slices):
             for member in chain.nodes:
                 reads = [(a, k) if a in chain.nodes else a for a in _occurrences(member)]
@@ -719,8 +1145,20 @@ def _schedule(graph: torch.fx.Graph, chains: Sequence[Chain]) -> list[_Item]:
                 if member.target in _ALIASES and alias is None:
                     size = 0
                 items.append(_Item((member, k), size, reads, alias))
-        for exit_node in chain.exits:
-            items.append(_Item(exit_node, _bytes(exit_node), [(exit_node, k) for k in range(chain.slices)]))
+            for exit_node in chain.exits:
+                items.append(_Item(("copy", exit_node, k), 0, [(exit_node, k), exit_node]))
+        done.update(chain.nodes)
+        progress = True
+        while progress:  # the ops that waited for this block's exits, in graph order
+            progress = False
+            for waiting in list(deferred):
+                if ready(waiting):
+                    deferred.remove(waiting)
+                    place(waiting)
+                    progress = True
+                    break
+    for node in deferred:
+        place(node)
     return items
 
 
@@ -748,7 +1186,7 @@ def choose_slices(graph: torch.fx.Graph, chains: list[Chain], config: OpGrouping
         key = items[at].key
         node = key[0] if isinstance(key, tuple) else key
         chain = next((c for c in chains if node in c.nodes), None)
-        if chain is None or chain.slices >= min(cap, chain.units):
+        if chain is None or chain.slices >= min(cap, chain.most_slices()):
             break
         chain.slices += 1
         new_peak, new_at, new_items = _estimate(graph, chains)
@@ -761,8 +1199,19 @@ def choose_slices(graph: torch.fx.Graph, chains: list[Chain], config: OpGrouping
         # left to the next largest activation.
         for chain in chains:
             if chain.slices > 1:
-                chain.slices = min(cap, chain.units)
+                chain.slices = min(cap, chain.most_slices())
         peak = _estimate(graph, chains)[0]
+        # Bands of image rows cost only their halo: each row chain is cut unless that raises
+        # the estimate (the estimate cannot tell which of several near-equal peaks Inductor's
+        # fusion and layout copies make the real one).
+        for chain in chains:
+            if chain.spatial and chain.slices < 2:
+                chain.slices = min(cap, chain.most_slices())
+                cut = _estimate(graph, chains)[0]
+                if cut > peak:
+                    chain.slices = 1
+                else:
+                    peak = cut
     return before, peak
 
 
@@ -776,51 +1225,19 @@ def _bounds(units: int, slices: int) -> list[tuple[int, int]]:
 
 
 def rewrite(graph: torch.fx.Graph, chain: Chain) -> None:
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
     members = list(chain.nodes)
-    insert_before = members[-1]
+    emit = _emitter(graph, members[-1])
     per_slice: dict[torch.fx.Node, list[torch.fx.Node]] = {n: [] for n in members}
-
-    def emit(target: Any, args: tuple, kwargs: dict | None = None, like: torch.fx.Node | None = None) -> torch.fx.Node:
-        with graph.inserting_before(insert_before):
-            node = graph.call_function(target, args, kwargs or {})
-        fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
-        with fake_mode:
-            node.meta["val"] = target(*fake_args, **fake_kwargs)
-        if like is not None:
-            for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "original_aten"):
-                if key in like.meta:
-                    node.meta[key] = like.meta[key]
-        return node
 
     entry_cache: dict[tuple[torch.fx.Node, Slicing, int], torch.fx.Node] = {}
 
     def entry(arg: torch.fx.Node, sliced: Slicing, k: int, start: int, stop: int) -> torch.fx.Node:
         key = (arg, sliced, k)
         if key not in entry_cache:
-            shape = list(_shape(arg))
-            d = sliced.dim
-            if sliced.outer == 1 and sliced.inner == 1:
-                entry_cache[key] = emit(aten.slice.Tensor, (arg, d, start, stop))
-            else:
-                factored = emit(aten.reshape.default,
-                                (arg, shape[:d] + [sliced.outer, chain.units, sliced.inner] + shape[d + 1:]))
-                part = emit(aten.slice.Tensor, (factored, d + 1, start, stop))
-                entry_cache[key] = emit(aten.reshape.default, (part, shape[:d] + [
-                    sliced.outer * (stop - start) * sliced.inner] + shape[d + 1:]))
+            entry_cache[key] = _part(emit, arg, sliced, chain.units, start, stop)
         return entry_cache[key]
 
-    # Each slice of an exit is stored into one preallocated buffer as soon as it is computed,
-    # the mutating form Inductor's own reinplacing gives a slice_scatter (copy_ into a slice
-    # view). A functional cat or slice_scatter chain after the loop would keep every slice's
-    # exit alive to the end: Inductor inlines it into one kernel that runs after all slices.
-    buffers = {}
-    for exit_node in chain.exits:
-        value, sliced = exit_node.meta["val"], chain.nodes[exit_node]
-        shape, d = list(_shape(exit_node)), sliced.dim
-        factored = shape[:d] + [sliced.outer, chain.units, sliced.inner] + shape[d + 1:]
-        buffers[exit_node] = emit(aten.empty.memory_format, (factored,),
-                                  {"dtype": value.dtype, "device": value.device}, like=exit_node)
+    buffers = _exit_buffers(chain, emit)
 
     for k, (start, stop) in enumerate(_bounds(chain.units, chain.slices)):
         for node in members:
@@ -839,17 +1256,76 @@ def rewrite(graph: torch.fx.Graph, chain: Chain) -> None:
             args = _resize_args(node, args, chain.nodes[node], stop - start)
             per_slice[node].append(emit(node.target, args, kwargs, like=node))
         for exit_node, buffer in buffers.items():
-            sliced = chain.nodes[exit_node]
-            shape, d = list(_shape(exit_node)), sliced.dim
-            part = emit(aten.reshape.default, (per_slice[exit_node][k],
-                        shape[:d] + [sliced.outer, stop - start, sliced.inner] + shape[d + 1:]))
-            emit(aten.copy_.default, (emit(aten.slice.Tensor, (buffer, d + 1, start, stop)), part))
+            _store_slice(chain, exit_node, buffer, per_slice[exit_node][k], start, stop, emit)
 
+    _replace_exits(graph, chain, buffers, emit)
+
+
+def _part(emit: Callable[..., torch.fx.Node], value: torch.fx.Node, sliced: Slicing, units: int,
+          start: int, stop: int) -> torch.fx.Node:
+    """The units ``[start, stop)`` of ``value`` (a view, or a reshaped copy for a factored dim)."""
+    if (start, stop) == (0, units):
+        return value
+    shape, d = list(_shape(value)), sliced.dim
+    if sliced.outer == 1 and sliced.inner == 1:
+        return emit(aten.slice.Tensor, (value, d, start, stop))
+    factored = emit(aten.reshape.default, (value, shape[:d] + [sliced.outer, units, sliced.inner] + shape[d + 1:]))
+    part = emit(aten.slice.Tensor, (factored, d + 1, start, stop))
+    return emit(aten.reshape.default, (part, shape[:d] + [sliced.outer * (stop - start) * sliced.inner] + shape[d + 1:]))
+
+
+def _emitter(graph: torch.fx.Graph, insert_before: torch.fx.Node) -> Callable[..., torch.fx.Node]:
+    """A function adding a call before ``insert_before``, its fake value propagated."""
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+
+    def emit(target: Any, args: tuple, kwargs: dict | None = None, like: torch.fx.Node | None = None) -> torch.fx.Node:
+        with graph.inserting_before(insert_before):
+            node = graph.call_function(target, args, kwargs or {})
+        fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
+        with fake_mode:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        if like is not None:
+            for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "original_aten"):
+                if key in like.meta:
+                    node.meta[key] = like.meta[key]
+        return node
+
+    return emit
+
+
+def _exit_buffers(chain: Chain, emit: Callable[..., torch.fx.Node]) -> dict[torch.fx.Node, torch.fx.Node]:
+    """One preallocated buffer per exit, in the factored shape ``(.., outer, units, inner, ..)``.
+
+    Each slice of an exit is stored into it as soon as it is computed, the mutating form
+    Inductor's own reinplacing gives a slice_scatter (copy_ into a slice view). A functional cat
+    or slice_scatter chain after the loop would keep every slice's exit alive to the end:
+    Inductor inlines it into one kernel that runs after all slices.
+    """
+    buffers = {}
+    for exit_node in chain.exits:
+        value, sliced = exit_node.meta["val"], chain.nodes[exit_node]
+        shape, d = list(_shape(exit_node)), sliced.dim
+        factored = shape[:d] + [sliced.outer, chain.units, sliced.inner] + shape[d + 1:]
+        buffers[exit_node] = emit(aten.empty.memory_format, (factored,),
+                                  {"dtype": value.dtype, "device": value.device}, like=exit_node)
+    return buffers
+
+
+def _store_slice(chain: Chain, exit_node: torch.fx.Node, buffer: torch.fx.Node, part: torch.fx.Node,
+                 start: int, stop: int, emit: Callable[..., torch.fx.Node]) -> None:
+    sliced = chain.nodes[exit_node]
+    shape, d = list(_shape(exit_node)), sliced.dim
+    part = emit(aten.reshape.default, (part, shape[:d] + [sliced.outer, stop - start, sliced.inner] + shape[d + 1:]))
+    emit(aten.copy_.default, (emit(aten.slice.Tensor, (buffer, d + 1, start, stop)), part))
+
+
+def _replace_exits(graph: torch.fx.Graph, chain: Chain, buffers: dict[torch.fx.Node, torch.fx.Node],
+                   emit: Callable[..., torch.fx.Node]) -> None:
     for exit_node, buffer in buffers.items():
         whole = emit(aten.reshape.default, (buffer, list(_shape(exit_node))))
+        whole.meta[_SLICED_EXIT] = True
         exit_node.replace_all_uses_with(whole, delete_user_cb=lambda user: user not in chain.nodes)
-
-    for node in reversed(members):
+    for node in reversed(list(chain.nodes)):
         graph.erase_node(node)
 
 
@@ -872,16 +1348,30 @@ def apply(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     config: OpGroupingConfig = ctx.config.op_grouping
     report = PassReport("op_grouping")
     graph = gm.graph
-    chains = find_chains(graph, report)
-    if not chains:
+    budget = config.budget_bytes()
+    # Two rounds: chains along an independent dim (tokens, batch, frames), then chains over the
+    # image rows of what is left, inside the slices of the first round (a decoder sliced over
+    # its batch, each image then in bands of rows).
+    described: list[dict[str, Any]] = []
+    before = after = None
+    for round_finder, round_rewrite in ((find_chains, rewrite), (find_row_chains, rewrite_rows)):
+        if round_finder is find_row_chains and not config.spatial:
+            continue
+        chains = round_finder(graph, report)
+        if not chains:
+            continue
+        round_before, after = choose_slices(graph, chains, config)
+        before = round_before if before is None else before
+        described += _rewrite_chains(graph, chains, round_rewrite, report, budget)
+        stable_topological_sort(graph)
+        graph.eliminate_dead_code()
+    if before is None:
         report.status = "skipped"
         report.skipped("graph", "no chain of ops whose intermediates dominate memory can be sliced"
                        + (f" ({len(report.skips)} large activations examined)" if report.skips else ""))
         return report
-    before, after = choose_slices(graph, chains, config)
     report.metrics["estimated_peak_bytes_before"] = before
     report.metrics["estimated_peak_bytes_after"] = after
-    budget = config.budget_bytes()
     if budget is not None:
         report.metrics["memory_budget_bytes"] = budget
         if after > budget:
@@ -895,6 +1385,17 @@ def apply(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             report.metrics["budget_reached"] = False
         else:
             report.metrics["budget_reached"] = True
+    report.metrics["chains"] = described
+    if not described:
+        report.status = "unchanged"
+        return report
+    log.info("op_grouping %s: %d chains sliced, estimated peak %s -> %s", ctx.graph_id, len(described),
+             _human(before), _human(after))
+    return report
+
+
+def _rewrite_chains(graph: torch.fx.Graph, chains: list[Chain], rewrite_one: Callable[[torch.fx.Graph, Chain], None],
+                    report: PassReport, budget: int | None) -> list[dict[str, Any]]:
     described = []
     for chain in chains:
         if chain.slices < 2:
@@ -908,22 +1409,15 @@ def apply(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             "units": chain.units,
             "slices": chain.slices,
             "exits": [n.name for n in chain.exits],
+            "kind": "image rows with halo" if chain.spatial else "independent dim" + (", cut at a conflict" if chain.needs else ""),
         }
         internal, boundary = _chain_gain(chain)
         entry["estimated_intermediates_bytes_before"] = internal
         entry["estimated_intermediates_bytes_after"] = internal * math.ceil(chain.units / chain.slices) // chain.units
         described.append(entry)
         report.rewrote(chain.seed.name, f"{chain.describe()} -> {chain.slices} slices")
-        rewrite(graph, chain)
-    report.metrics["chains"] = described
-    if not described:
-        report.status = "unchanged"
-        return report
-    stable_topological_sort(graph)
-    graph.eliminate_dead_code()
-    log.info("op_grouping %s: %d chains sliced, estimated peak %s -> %s", ctx.graph_id, len(described),
-             _human(before), _human(after))
-    return report
+        (rewrite_rows if chain.needs is not None else rewrite_one)(graph, chain)
+    return described
 
 
 def _human(n: int) -> str:

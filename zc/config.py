@@ -358,7 +358,7 @@ class OpGroupingConfig(PassConfig):
     ``[N, C, H, W]`` images into bands of rows, each widened by the halo its convolutions read
     (after the chains along independent dims, inside their slices). Off by default: exact on
     the VAE decoders and conv stacks tested, but WRONG on diffusers' UNetMotionModel (cause not
-    found yet) - opt in only for decoder-like conv stacks.
+    found yet) - opt in only for decoder-like conv stacks; a compile that cuts row bands warns.
     """
 
     memory_budget: int | str | None = None

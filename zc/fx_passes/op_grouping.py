@@ -1360,6 +1360,15 @@ def apply(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         chains = round_finder(graph, report)
         if not chains:
             continue
+        if round_finder is find_row_chains:
+            # Known wrong on diffusers' UNetMotionModel (cause not found): never silently.
+            warnings.warn(
+                f"zc op_grouping: {len(chains)} chain(s) cut into bands of image rows (op_grouping.spatial, "
+                "experimental): exact on the VAE decoders and conv stacks tested, but wrong results were "
+                "seen on diffusers' UNetMotionModel; compare the outputs with spatial off before relying on it",
+                ZcWarning,
+                stacklevel=2,
+            )
         round_before, after = choose_slices(graph, chains, config)
         before = round_before if before is None else before
         described += _rewrite_chains(graph, chains, round_rewrite, report, budget)

@@ -2,7 +2,6 @@
 
 import math
 import re
-import warnings
 
 import pytest
 import torch

@@ -309,3 +309,35 @@ def test_spatial_off_keeps_row_chains_out(tmp_path):
         torch.testing.assert_close(out, stack(x), rtol=1e-5, atol=1e-5)
     (report,) = _op_grouping_report(tmp_path)
     assert all(c["kind"] != "image rows with halo" for c in report["metrics"].get("chains", []))
+
+
+@pytest.mark.slow
+def test_diffusers_unet_motion_row_bands_read_exit_buffers_after_their_stores(tmp_path):
+    """A row chain (a resnet's convolutions and the residual add after the temporal transformer)
+    around a token chain of the first round (the transformer's feed-forward, stored slice by
+    slice into a preallocated buffer): the path from the resnet through the buffer's copy_ to
+    the add is hidden from FX (the buffer's full-size view only reads the empty buffer), so the
+    row chain was taken as convex and its block read the buffer before the stores: garbage."""
+    from diffusers import UNetMotionModel
+
+    torch.manual_seed(0)
+    unet = UNetMotionModel(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32,
+        in_channels=4, out_channels=4,
+    ).eval()
+    args = (torch.randn(1, 4, 8, 16, 16), torch.tensor(10), torch.randn(8, 8, 32))
+
+    def denoise(sample, timestep, context):
+        return unet(sample, timestep, context, return_dict=False)[0]
+
+    with torch.no_grad():
+        expected = torch.compile(denoise, backend="inductor")(*args)
+        torch._dynamo.reset()
+        with pytest.warns(ZcWarning, match="experimental"):
+            out = _compile_zc(denoise, tmp_path, max_slices=8, spatial=True)(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (report,) = _op_grouping_report(tmp_path)
+    assert any(c["kind"] == "image rows with halo" for c in report["metrics"]["chains"])

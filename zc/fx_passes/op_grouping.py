@@ -581,22 +581,60 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
     return Chain(nodes, units, seed, entries, exits)
 
 
+def _buffer_of(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The preallocated exit buffer (``empty``) that ``node`` (a slice view of it) aliases."""
+    while isinstance(node, torch.fx.Node) and node.target is aten.slice.Tensor:
+        node = node.args[0]
+    if isinstance(node, torch.fx.Node) and node.target is aten.empty.memory_format:
+        return node
+    return None
+
+
+def _users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """``node``'s users, plus the hidden edges of an earlier rewrite's exit buffers: the
+    ``copy_`` storing a slice is read by the full-size view of its buffer (the view has the
+    empty buffer as its only FX input, but its value exists only after every copy)."""
+    users = list(node.users)
+    if node.target is aten.copy_.default:
+        buffer = _buffer_of(node.args[0])
+        if buffer is not None:
+            users += [u for u in buffer.users if u.meta.get(_SLICED_EXIT)]
+    return users
+
+
+def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """``node``'s tensor inputs, plus (for the full-size view of an exit buffer) the ``copy_``
+    nodes that write the buffer: the reverse of :func:`_users`."""
+    found = _occurrences(node)
+    if node.meta.get(_SLICED_EXIT):
+        stack = [node.args[0]]
+        while stack:
+            alias = stack.pop()
+            for user in alias.users:
+                if user.target is aten.slice.Tensor and user.args[0] is alias:
+                    stack.append(user)
+                elif user.target is aten.copy_.default and user.args[0] is alias:
+                    found.append(user)
+    return found
+
+
 def _between(region: dict[torch.fx.Node, Slicing], order: dict[torch.fx.Node, int]) -> set[torch.fx.Node]:
-    """Nodes outside ``region`` on a path from it back into it."""
+    """Nodes outside ``region`` on a path from it back into it (through an earlier rewrite's
+    exit buffers too: a member reading such a buffer must come after every store into it)."""
     last = max(order[n] for n in region)
     descendants: set[torch.fx.Node] = set()
-    frontier = [u for n in region for u in n.users if u not in region and order[u] < last]
+    frontier = [u for n in region for u in _users(n) if u not in region and order[u] < last]
     while frontier:
         node = frontier.pop()
         if node not in descendants:
             descendants.add(node)
-            frontier.extend(u for u in node.users if u not in region and order[u] < last)
+            frontier.extend(u for u in _users(node) if u not in region and order[u] < last)
     between: set[torch.fx.Node] = set()
     changed = True
     while changed:  # keep the descendants that reach the region again
         changed = False
         for node in descendants - between:
-            if any(u in region or u in between for u in node.users):
+            if any(u in region or u in between for u in _users(node)):
                 between.add(node)
                 changed = True
     return between
@@ -955,7 +993,7 @@ def _related(start: torch.fx.Node, region: dict[torch.fx.Node, Any], upward: boo
     frontier = [start]
     while frontier:
         node = frontier.pop()
-        for other in (_occurrences(node) if upward else node.users):
+        for other in (_inputs(node) if upward else _users(node)):
             if other not in seen:
                 seen.add(other)
                 if other in region:

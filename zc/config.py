@@ -357,8 +357,8 @@ class OpGroupingConfig(PassConfig):
     ``spatial``: also cut chains of convolutions / pointwise ops / nearest upsampling over
     ``[N, C, H, W]`` images into bands of rows, each widened by the halo its convolutions read
     (after the chains along independent dims, inside their slices). Off by default: exact on
-    the VAE decoders and conv stacks tested, but WRONG on diffusers' UNetMotionModel (cause not
-    found yet) - opt in only for decoder-like conv stacks; a compile that cuts row bands warns.
+    the VAE decoders, conv stacks and the video UNet tested, but on CPU it lowers the measured
+    peak little (batch-4 decode 3.2x vs 3.1x without) and multiplies the compiled kernels.
     """
 
     memory_budget: int | str | None = None

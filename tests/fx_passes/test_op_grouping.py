@@ -247,8 +247,7 @@ def test_conv_stack_row_bands_with_halo_have_no_seams(tmp_path):
     with torch.no_grad():
         expected = torch.compile(stack, backend="inductor")(x)
         torch._dynamo.reset()
-        with pytest.warns(ZcWarning, match="experimental"):  # row bands are opt-in and say so
-            out, (code,) = run_and_get_code(_compile_zc(stack, tmp_path, max_slices=4, spatial=True), x)
+        out, (code,) = run_and_get_code(_compile_zc(stack, tmp_path, max_slices=4, spatial=True), x)
         # Bands computed independently, each with the convolutions' zero padding at its edges:
         # what hand tiling without a halo gives.
         seams = torch.cat([stack(x[:, :, rows]) for rows in torch.arange(32).chunk(4)], dim=2)

@@ -335,8 +335,7 @@ def test_diffusers_unet_motion_row_bands_read_exit_buffers_after_their_stores(tm
     with torch.no_grad():
         expected = torch.compile(denoise, backend="inductor")(*args)
         torch._dynamo.reset()
-        with pytest.warns(ZcWarning, match="experimental"):
-            out = _compile_zc(denoise, tmp_path, max_slices=8, spatial=True)(*args)
+        out = _compile_zc(denoise, tmp_path, max_slices=8, spatial=True)(*args)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     (report,) = _op_grouping_report(tmp_path)
     assert any(c["kind"] == "image rows with halo" for c in report["metrics"]["chains"])

@@ -1,6 +1,7 @@
 """step_cache: 50-step DDIM on the trained digit UNet and DiT, cached vs uncached, in one process.
 
     python -m benchmarks.step_cache [--quick] [--out DIR] [--skip-unet] [--skip-dit] [--only V1,V2] [--rounds N] [--batch N]
+                                    [--skip-module-guards]
 
 The denoisers are the ones ``benchmarks/train_diffusion.py`` trained on scikit-learn's digits
 (weights in ``benchmarks/weights/``). The UNet runs in a real, unmodified ``diffusers``
@@ -12,6 +13,12 @@ Every variant generates the same images from the same seed:
   over two batches (seeds 0 and 1; ``max_error`` calibrates on a third, seed 1234);
 * speed: end-to-end seconds per generation, every variant once per round in turn (so the
   machine's speed drift cancels), ratio to uncached Inductor = median of per-round ratios.
+
+``--skip-module-guards`` compiles every variant (Inductor included) with PyTorch's
+``guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe``: Dynamo then stops
+checking the 200+ parameters on every call, which is most of the fixed cost of a reused step.
+It is unsafe in general (a module changed in place is not noticed), so it is a measurement of
+that overhead, not a default; its results go to ``...-skip-module-guards.json``.
 
 Writes ``benchmarks/results/<device>/step_cache[-quick].json``, a PNG of the times and a PNG
 of the generated digits per variant.
@@ -109,7 +116,8 @@ def dit_generator(batch: int) -> tuple[str, Callable[[Callable], Callable[[int],
     return f"DiTTransformer2DModel digits 16x16 (8 blocks), DDIM loop, batch {batch}", make, dit
 
 
-def run_model(name: str, builder, variants: dict[str, dict | None], batch: int, rounds: int) -> dict[str, Any]:
+def run_model(name: str, builder, variants: dict[str, dict | None], batch: int, rounds: int,
+              compile_options: dict[str, Any]) -> dict[str, Any]:
     workload, make, model = builder(batch)
     print(f"\n{name}: {workload}", flush=True)
     generators, executors, compile_s = {}, {}, {}
@@ -120,9 +128,9 @@ def run_model(name: str, builder, variants: dict[str, dict | None], batch: int, 
             if variant == "eager":
                 denoiser = instance
             elif options is None:
-                denoiser = torch.compile(instance, backend="inductor")
+                denoiser = torch.compile(instance, backend="inductor", options=dict(compile_options) or None)
             else:
-                denoiser = torch.compile(instance, backend="zc", options={"step_cache": options})
+                denoiser = torch.compile(instance, backend="zc", options={**compile_options, "step_cache": options})
             generate = make(denoiser)
             gc.collect()
             before = set(step_cache._live_executors)
@@ -219,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 9, 3 with --quick)")
     parser.add_argument("--batch", type=int, default=16,
                         help="images per generation (16 is the reference workload; others write -b<N> results)")
+    parser.add_argument("--skip-module-guards", action="store_true",
+                        help="compile every variant with guard_filter_fn=skip_guard_on_all_nn_modules_unsafe "
+                             "(measures Dynamo's guard overhead; unsafe in general)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = select_device()
@@ -226,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch
     results: dict[str, Any] = {}
     env = environment(device)
+    compile_options = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+                       if args.skip_module_guards else {})
     linear, quadratic = {"forecast": "linear"}, {"forecast": "quadratic"}
     early = {"schedule_power": 1.3}
     unet_variants = {"eager": None, "inductor": None,
@@ -252,14 +265,15 @@ def main(argv: list[str] | None = None) -> None:
         unet_variants = {k: v for k, v in unet_variants.items() if k in wanted}
         dit_variants = {k: v for k, v in dit_variants.items() if k in wanted}
     if not args.skip_unet:
-        results["unet"] = run_model("unet", unet_generator, unet_variants, batch, rounds)
+        results["unet"] = run_model("unet", unet_generator, unet_variants, batch, rounds, compile_options)
     if not args.skip_dit:
-        results["dit"] = run_model("dit", dit_generator, dit_variants, batch, rounds)
+        results["dit"] = run_model("dit", dit_generator, dit_variants, batch, rounds, compile_options)
     name = ("step_cache" + ("-quick" if args.quick else "") + ("-only" if args.only else "")
-            + (f"-b{batch}" if batch != 16 else ""))
+            + (f"-b{batch}" if batch != 16 else "") + ("-skip-module-guards" if args.skip_module_guards else ""))
     images = {model: block.pop("images") for model, block in results.items()}
     payload = {
         "environment": env,
+        "guard_filter_fn": "skip_guard_on_all_nn_modules_unsafe" if args.skip_module_guards else None,
         "note": "CPU shared with other compile jobs; ratios come from interleaved rounds in one process",
         **results,
     }

@@ -270,31 +270,43 @@ def test_two_models_never_share_a_cache():
     assert not torch.allclose(a, b)
 
 
+class ResidualReplay:
+    """Eager reference of first-block caching on a copy of ``model``: remembers the stream
+    entering block 1 of its ``blocks`` list and, on a computed step, the residual the remaining
+    blocks add to it; on a reused step (``reuse`` set) the last block returns the stream plus that
+    residual. Blocks returning ``(text, image)`` streams (SD3) have the image stream replaced."""
+
+    def __init__(self, model, blocks="transformer_blocks"):
+        self.model = copy.deepcopy(model)
+        self.reuse, self.seen = False, {}
+        chain = self.model.get_submodule(blocks)
+        chain[1].register_forward_pre_hook(self.entering, with_kwargs=True)
+        chain[-1].register_forward_hook(self.leaving)
+
+    def entering(self, module, args, kwargs):
+        self.seen["stream"] = args[0] if args else kwargs["hidden_states"]
+
+    def leaving(self, module, args, output):
+        stream = output[-1] if isinstance(output, tuple) else output
+        if self.reuse:
+            stream = self.seen["stream"] + self.seen["residual"]
+        else:
+            self.seen["residual"] = stream - self.seen["stream"]
+        return (*output[:-1], stream) if isinstance(output, tuple) else stream
+
+
 def test_dit_blocks_cache_their_residual_adaptively():
     model = tiny_dit()
-    reference = copy.deepcopy(model)  # hooks that replay the cache, untraced by the compiled model
     compiled, reports = cached(model, threshold=0.5, depth=1)
-    seen, reuse = {}, [False]
-
-    def after_first_block(module, args, kwargs):
-        seen["h"] = args[0] if args else kwargs["hidden_states"]
-
-    def last_block(module, args, output):
-        if reuse[0]:
-            return seen["h"] + seen["residual"]
-        seen["residual"] = output - seen["h"]
-        return output
-
-    reference.transformer_blocks[1].register_forward_pre_hook(after_first_block, with_kwargs=True)
-    reference.transformer_blocks[-1].register_forward_hook(last_block)
+    reference = ResidualReplay(model)
     x, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
     with torch.no_grad():
         for step, t in enumerate(TIMESTEPS):
             reused_before = executors()[0].state.counters["deep_reused"] if step else 0
             out = compiled(x, timestep=torch.full((2,), t), class_labels=labels).sample
             (executor,) = executors()
-            reuse[0] = executor.state.counters["deep_reused"] > reused_before
-            expected = reference(x, timestep=torch.full((2,), t), class_labels=labels).sample
+            reference.reuse = executor.state.counters["deep_reused"] > reused_before
+            expected = reference.model(x, timestep=torch.full((2,), t), class_labels=labels).sample
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
             x = x * 0.98 - 0.02 * out
     (report,) = reports
@@ -302,6 +314,62 @@ def test_dit_blocks_cache_their_residual_adaptively():
     assert report.metrics["deep_stages"] == ["transformer_blocks.1", "transformer_blocks.2"]
     assert report.metrics["reuse"] == "residual"
     assert 0 < executor.state.counters["deep_reused"] <= 4 * executor.state.counters["deep_computed"]
+
+
+def tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3, sample_size=8,
+        patch_size=2, cross_attention_dim=16, caption_channels=16, norm_num_groups=1,
+    ).eval()
+    text = torch.randn(2, 5, 16)
+
+    def call(denoiser, x, t):
+        return denoiser(x, encoder_hidden_states=text, timestep=torch.full((2,), t),
+                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+
+    return model, call
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+    ).eval()
+    text, pooled = torch.randn(2, 5, 16), torch.randn(2, 8)
+
+    def call(denoiser, x, t):
+        return denoiser(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.full((2,), t),
+                        return_dict=False)[0]
+
+    return model, call
+
+
+@pytest.mark.parametrize("builder", [tiny_pixart, tiny_sd3])
+def test_text_conditioned_transformers_cache_their_block_chain(builder):
+    """PixArt and SD3 (two token streams; its last block hands on only the image one) are block
+    chains: a feature map from the patch embedding to the output layers, or a feed-forward's
+    inside, is no U to cache around."""
+    model, call = builder()
+    compiled, reports = cached(model, interval=2)
+    reference = ResidualReplay(model)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS):
+            out = call(compiled, x, t)
+            reference.reuse = step % 2 == 1 and step != len(TIMESTEPS) - 1
+            torch.testing.assert_close(out, call(reference.model, x, t), rtol=1e-4, atol=1e-5)
+            x = x * 0.9 - 0.1 * out[:, :4]
+    (report,) = reports
+    assert report.metrics["structure"] == "repeated-blocks" and report.metrics["reuse"] == "residual"
+    assert report.metrics["deep_stages"][0] == "transformer_blocks.1"
+    assert len(report.metrics["deep_stages"]) == len(model.transformer_blocks) - 1
+    assert executors()[0].state.counters["deep_reused"] == 5
 
 
 class TimeMLP(torch.nn.Module):
@@ -458,6 +526,34 @@ def test_structure_of_a_conditional_unet_with_guidance_batch():
     assert "between 'conv_in' and 'up_blocks.1.resnets.1'" in report.rewrites[0]["what"]
     assert executors()[0].state.counters["deep_reused"] == 2
     assert out.shape == kwargs["sample"].shape
+
+
+def test_structure_of_a_motion_unet():
+    """AnimateDiff's UNetMotionModel: DeepCache's outermost branch, motion modules inside it."""
+    from diffusers import UNetMotionModel
+
+    torch.manual_seed(0)
+    model = UNetMotionModel(
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=8, in_channels=4, out_channels=4,
+    ).eval()
+    compiled, reports = cached(model, interval=3)
+    freezer = DeepFreezer(model, "up_blocks.1.motion_modules.0")
+    x, text = torch.randn(1, 4, 4, 8, 8), torch.randn(4, 3, 16)  # one video of 4 frames
+    with torch.no_grad():
+        for step, t in enumerate(TIMESTEPS[:7]):
+            out = compiled(x, torch.tensor(t), text).sample
+            freezer.reuse = step % 3 != 0
+            torch.testing.assert_close(out, freezer.model(x, torch.tensor(t), text).sample, rtol=1e-4, atol=1e-5)
+            x = x * 0.9 - 0.1 * out
+    (report,) = reports
+    assert report.metrics["structure"] == "unet-skip"
+    assert report.metrics["deep_stages"][0] == "down_blocks.0.resnets.0"
+    assert "down_blocks.0.motion_modules.0" in report.metrics["deep_stages"]
+    assert report.metrics["deep_stages"][-1] == "up_blocks.1.motion_modules.0"
+    assert executors()[0].state.counters["deep_reused"] == 4
 
 
 def ddim_generation(denoiser, seed, steps=12, scheduler=None, **step_kwargs):

@@ -223,6 +223,12 @@ def find_unet_regions(graph: _Graph) -> list[Region]:
         if leaks or not feeds_end:
             continue
         stages = [graph.order[i] for i in inside]
+        if len({stage[0] for stage in stages}) < 2:
+            # A U goes down one module list and comes back up another. A "skip" whose inside
+            # is one module list (a transformer's blocks, with the patch embedding reaching
+            # the output layers) or one block (a feed-forward inside a transformer block) is
+            # a residual around repeated blocks: those are cached as a block chain instead.
+            continue
         span = graph.span(stages, before=graph.first_position(graph.order[end]))
         if span is None:
             continue
@@ -728,24 +734,24 @@ def _deep_io(gm: torch.fx.GraphModule, region: Region, submodule: torch.fx.Graph
     stream_candidates = [
         n for n in nodes[:region.start] if _rank(n) >= 3 and any(u in inside for u in n.users)
     ]
-    stream = stream_candidates[-1] if stream_candidates else None
-    arg_names = [n.name for n in submodule.graph.nodes if n.op == "placeholder"]
-    stream_input = arg_names.index(stream.name) if stream is not None and stream.name in arg_names else None
     output = next(n for n in submodule.graph.nodes if n.op == "output").args[0]
     outputs_tuple = isinstance(output, (tuple, list))
     output_nodes = list(output) if outputs_tuple else [output]
+    features = [i for i, out in enumerate(output_nodes) if isinstance(out, torch.fx.Node) and _rank(out) >= 3]
     residual_output = None
     # A block chain's remaining blocks add a residual to their input stream (first-block
-    # caching reuses that residual); a UNet's inner part is reused as is (DeepCache).
-    if stream_input is not None and region.kind == "repeated-blocks":
-        shaped_like_stream = [
-            i for i, out in enumerate(output_nodes)
-            if isinstance(out, torch.fx.Node) and _rank(out) >= 3
-            and _shape(out) == _shape(stream)
-        ]
-        features = [i for i, out in enumerate(output_nodes) if isinstance(out, torch.fx.Node) and _rank(out) >= 3]
-        if len(shaped_like_stream) == 1 and len(features) == 1:
-            residual_output = shaped_like_stream[0]
+    # caching reuses that residual); a UNet's inner part is reused as is (DeepCache). Blocks
+    # that carry two streams (SD3's image and text tokens) but hand on one: the stream is the
+    # input shaped like that output.
+    if region.kind == "repeated-blocks" and len(features) == 1:
+        shaped_like_output = [n for n in stream_candidates if _shape(n) == _shape(output_nodes[features[0]])]
+        if shaped_like_output:
+            stream_candidates, residual_output = shaped_like_output, features[0]
+    stream = stream_candidates[-1] if stream_candidates else None
+    arg_names = [n.name for n in submodule.graph.nodes if n.op == "placeholder"]
+    stream_input = arg_names.index(stream.name) if stream is not None and stream.name in arg_names else None
+    if stream_input is None:
+        residual_output = None
     return DeepIO(stream_input, residual_output, outputs_tuple)
 
 

@@ -138,9 +138,11 @@ def test_bert_skip_matches_hand_written_reference_with_padding_and_compiles_once
     assert int((index[1] >= 14).sum()) == 0
 
 
-def with_merge_hooks(layers, stages, matching="bipartite"):
+def with_merge_hooks(layers, stages, matching="bipartite", before_mlp=False, mask=None):
     """Eager ``layers`` where, before the block after each ``(K, keep)`` stage, every token's
-    state is replaced by its merged group's state, and all tokens run on.
+    state is replaced by its merged group's state, and all tokens run on. ``before_mlp`` (BERT):
+    at each ``(K, keep)`` the output of block K's attention is replaced instead (between
+    attention and MLP), and ``mask`` is the model's 4-D attention mask (the hook sees none).
 
     Attention over ``size`` identical copies of a merged token is exactly attention over that
     token with ``log(size)`` added to its logits, and a block's other ops work per token, so this
@@ -150,11 +152,9 @@ def with_merge_hooks(layers, stages, matching="bipartite"):
     state = {}
     handles = []
 
-    def before(module, args, kwargs, keep):
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def merged_copies(hidden, keep, mask):
         batch, seq, _ = hidden.shape
         if not state:
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             valid = key_valid_from_mask(mask) if mask is not None else None
             state.update(positions=torch.arange(seq).expand(batch, seq), assign=torch.arange(seq).expand(batch, seq),
                          sizes=initial_sizes(hidden, valid), valid=valid)
@@ -169,14 +169,25 @@ def with_merge_hooks(layers, stages, matching="bipartite"):
         state["sizes"] = merged_sizes(state["sizes"], assign, keep)
         state["positions"] = gather_tokens(state["positions"], index, [1])
         state["assign"] = torch.gather(assign, 1, state["assign"])
-        hidden = unmerge_tokens(state["assign"], merged)
+        return unmerge_tokens(state["assign"], merged)
+
+    def before(module, args, kwargs, keep):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = merged_copies(hidden, keep, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
+    def after_attention(module, args, out, keep):
+        return (merged_copies(out[0], keep, mask), *out[1:])
+
     for start, keep in stages:
-        handles.append(layers[start + 1].register_forward_pre_hook(
-            lambda m, a, k, keep=keep: before(m, a, k, keep), with_kwargs=True))
+        if before_mlp:
+            handles.append(layers[start].attention.register_forward_hook(
+                lambda m, a, o, keep=keep: after_attention(m, a, o, keep)))
+        else:
+            handles.append(layers[start + 1].register_forward_pre_hook(
+                lambda m, a, k, keep=keep: before(m, a, k, keep), with_kwargs=True))
     return handles
 
 
@@ -188,18 +199,27 @@ def tiny_vit():
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
-@pytest.mark.parametrize("case", ["bert schedule bipartite", "bert one-shot score", "vit schedule bipartite"])
+@pytest.mark.parametrize("case", ["bert schedule bipartite", "bert one-shot score", "vit schedule bipartite",
+                                  "bert schedule before mlp"])
 def test_merge_with_proportional_attention_matches_token_copies(case):
     """Merging with proportional attention (the bias added to BERT's gathered padding mask, or
     an ``attn_mask`` created for a ViT's SDPA, which had none) at one or several blocks equals the
-    eager model running every token on as a copy of its group's state."""
+    eager model running every token on as a copy of its group's state; also merging inside the
+    blocks, between attention and MLP (``reduce_before="mlp"``, from block 0's MLP on)."""
     if case.startswith("bert"):
         model, inputs = tiny_bert(), bert_inputs()
         layers, seq = model.encoder.layer, 20
     else:
         model, inputs = tiny_vit(), {"pixel_values": torch.randn(2, 1, 16, 16)}
         layers, seq = model.layers, 17
-    if "schedule" in case:
+    mask = None
+    if "before mlp" in case:  # MLP tokens per block: 15, 10, 10, 6 (block 0's attention sees all 20)
+        schedule = [0.75, 0.5, 0.5, 0.3]
+        options = {"schedule": schedule, "strategy": "merge", "reduce_before": "mlp"}
+        stages = [(i, math.ceil(r * seq)) for i, r in enumerate(schedule) if r < (schedule[i - 1] if i else 1)]
+        padding = inputs["attention_mask"][:, None, None, :].bool()
+        mask = padding.expand(-1, 1, seq, seq)
+    elif "schedule" in case:
         schedule = [1.0, 0.75, 0.5, 0.3]
         options = {"schedule": schedule, "strategy": "merge"}
         stages = [(i - 1, math.ceil(r * seq)) for i, r in enumerate(schedule) if i and r < schedule[i - 1]]
@@ -207,7 +227,7 @@ def test_merge_with_proportional_attention_matches_token_copies(case):
         options = {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge", "matching": "score"}
         stages = [(1, math.ceil(0.5 * seq))]
     (out,), _ = run_zc(model, inputs, {"token_skip": options, "strict": True})
-    handles = with_merge_hooks(layers, stages, "score" if "score" in case else "bipartite")
+    handles = with_merge_hooks(layers, stages, "score" if "score" in case else "bipartite", mask is not None, mask)
     with torch.no_grad():
         expected = model(**inputs)
     for h in handles:

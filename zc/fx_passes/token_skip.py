@@ -38,6 +38,12 @@ masks and rotary tables from the original inputs by the original positions of th
 running, and its scatter / unmerge nests inside the one before. ``max_error`` picks the schedule
 from calibration calls (:func:`choose_schedule`).
 
+**Inside blocks** (``reduce_before="mlp"``, where ToMe merges): a stage's region starts at the
+MLP part of block K (:func:`mlp_start`: the first child module after the attention from where one
+hidden state goes on), so block K's MLP already runs on fewer tokens and the merge matches the
+states block K's attention just produced. On MiniLM this buys about half a block of every drop
+at the same quality (eager study: mean cosine 0.984 at an ideal 1.70x instead of 1.52x).
+
 Everything happens inside the one graph handed on to Inductor: the top-k, gathers and scatter
 are ATen ops Inductor fuses into its kernels (indirect loads / stores), not a Python loop.
 """

@@ -153,6 +153,8 @@ def minilm(quick: bool, pattern: str | None = None) -> dict[str, Any]:
                                                  "schedule": (.90625, .8125, .625, .5, .375, .25)},
         "zc merge mlp 448>384>320>256>192>128": {"strategy": "merge", "reduce_before": "mlp",
                                                  "schedule": (.875, .75, .625, .5, .375, .25)},
+        "zc merge mlp 448>384>320>224>160>96": {"strategy": "merge", "reduce_before": "mlp",
+                                                "schedule": (.875, .75, .625, .4375, .3125, .1875)},
         "zc merge mlp 448>384>288>224>160>96": {"strategy": "merge", "reduce_before": "mlp",
                                                 "schedule": (.875, .75, .5625, .4375, .3125, .1875)},
         "zc merge max_error 0.02 token_mean": {"strategy": "merge", "max_error": 0.02, "error_measure": "token_mean"},
@@ -201,6 +203,7 @@ def vit(quick: bool, pattern: str | None = None) -> dict[str, Any]:
         "zc merge 65>33>33>17": {"strategy": "merge", "schedule": (1, .5, .5, .25)},
         "zc merge 65>33>25>17": {"strategy": "merge", "schedule": (1, .5, .375, .25)},
         "zc merge mlp 33>33>22>22": {"strategy": "merge", "reduce_before": "mlp", "schedule": (.5, .5, .33, .33)},
+        "zc merge mlp 33>22>22>22": {"strategy": "merge", "reduce_before": "mlp", "schedule": (.5, .33, .33, .33)},
         "zc merge max_error 0.02": {"strategy": "merge", "max_error": 0.02},
     }
     if quick:

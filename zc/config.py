@@ -145,7 +145,8 @@ class TokenSkipConfig(PassConfig):
     already runs on fewer tokens, and merging matches the states its attention just produced).
     With ``mlp`` a ``schedule`` gives the fraction of the tokens each block's MLP runs on (a
     block's attention runs on what the MLP before it ran on; the first entry may be below 1), and
-    with ``start_layer`` K the drop is before the MLP of block K + 1.
+    with ``start_layer`` K the drop is before the MLP of block K + 1; ``max_error`` then also tries
+    schedules that start at block 0's MLP.
     """
 
     start_layer: int = 1

@@ -494,6 +494,20 @@ def test_max_error_picks_a_schedule_within_the_budget_from_calibration_calls():
     assert report.status == "applied" and "token_mean" in report.metrics["calibration"]["error_measure"]
     assert output_error(pooled, full, "token_mean") <= 0.2 + 1e-5
 
+    # inside blocks the candidates may start at block 0's MLP
+    config = ZcConfig.from_options({"token_skip": {"strategy": "merge", "max_error": 0.2, "calibration_calls": 1,
+                                                   "reduce_before": "mlp"}}, environ={}).token_skip
+    report = PassReport("token_skip")
+    executor = token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None)
+    with torch.no_grad():
+        executor(*example)
+        inside = executor(*example)
+    chosen = report.metrics["calibration"]
+    assert report.status == "applied" and chosen["error"] <= 0.2 and "mlp_tokens_per_block" in report.metrics
+    assert output_error(inside, full) <= 0.2 + 1e-5
+    assert any(s[0] < 1 for family in token_skip.candidate_families(4, inside=True) for s in family)
+    assert all(s[0] == 1 for family in token_skip.candidate_families(4) for s in family)
+
     with pytest.raises(ValueError, match="token_skip.error_measure"):
         ZcConfig.from_options({"token_skip": {"max_error": 0.1, "error_measure": "kl"}}, environ={})
     for bad in (0.0, 1.5):

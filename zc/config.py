@@ -99,6 +99,7 @@ TOKEN_SKIP_SCORES = ("similarity", "dissimilarity", "norm")
 TOKEN_SKIP_ANCHORS = ("auto", "first", "last")
 TOKEN_SKIP_MATCHINGS = ("bipartite", "score")
 TOKEN_SKIP_ERROR_MEASURES = ("outputs", "token_mean")
+TOKEN_SKIP_REDUCE_POINTS = ("block", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +139,14 @@ class TokenSkipConfig(PassConfig):
     ``error_measure``: ``outputs`` compares every output whole (each token's state, logits);
     ``token_mean`` first averages ``[batch, tokens, dim]`` outputs over their tokens (for
     mean-pooled embeddings: far less strict).
+
+    ``reduce_before``: where in a block the token count drops: ``block`` (between blocks) or
+    ``mlp`` (inside a block, between its attention and its MLP, as ToMe merges: the block's MLP
+    already runs on fewer tokens, and merging matches the states its attention just produced).
+    With ``mlp`` a ``schedule`` gives the fraction of the tokens each block's MLP runs on (a
+    block's attention runs on what the MLP before it ran on; the first entry may be below 1), and
+    with ``start_layer`` K the drop is before the MLP of block K + 1; ``max_error`` then also tries
+    schedules that start at block 0's MLP.
     """
 
     start_layer: int = 1
@@ -154,6 +163,7 @@ class TokenSkipConfig(PassConfig):
     max_error: float | None = None
     calibration_calls: int = 2
     error_measure: str = "outputs"
+    reduce_before: str = "block"
 
     shorthand: ClassVar[str | None] = "keep_ratio"
 
@@ -194,12 +204,17 @@ class TokenSkipConfig(PassConfig):
         if self.matching not in TOKEN_SKIP_MATCHINGS:
             raise ValueError(f"zc: option 'token_skip.matching' must be one of {', '.join(TOKEN_SKIP_MATCHINGS)}; "
                              f"got {self.matching!r}")
+        if self.reduce_before not in TOKEN_SKIP_REDUCE_POINTS:
+            raise ValueError(f"zc: option 'token_skip.reduce_before' must be one of "
+                             f"{', '.join(TOKEN_SKIP_REDUCE_POINTS)}; got {self.reduce_before!r}")
         if self.schedule is not None:
             ratios = self.schedule
-            if (not ratios or ratios[0] != 1.0 or any(not 0.0 < r <= 1.0 for r in ratios)
+            first_whole = self.reduce_before == "block"  # inside blocks, block 0's MLP may already run on fewer
+            if (not ratios or (first_whole and ratios[0] != 1.0) or any(not 0.0 < r <= 1.0 for r in ratios)
                     or any(b > a for a, b in zip(ratios, ratios[1:]))):
                 raise ValueError("zc: option 'token_skip.schedule' must be the keep ratio of every block, in (0, 1], "
-                                 f"non-increasing, the first block's 1.0; got {ratios}")
+                                 "non-increasing" + (", the first block's 1.0" if first_whole else "") +
+                                 f"; got {ratios}")
             if self.withdraw_start is not None or self.withdraw_token_id is not None or self.max_error is not None:
                 raise ValueError("zc: option 'token_skip.schedule' does not go with 'max_error' (which picks it) or "
                                  "'withdraw_start' / 'withdraw_end' / 'withdraw_token_id' "

@@ -138,9 +138,13 @@ def test_bert_skip_matches_hand_written_reference_with_padding_and_compiles_once
     assert int((index[1] >= 14).sum()) == 0
 
 
-def with_merge_hooks(layers, stages, matching="bipartite"):
+def with_merge_hooks(layers, stages, matching="bipartite", before_mlp=False, mask=None):
     """Eager ``layers`` where, before the block after each ``(K, keep)`` stage, every token's
-    state is replaced by its merged group's state, and all tokens run on.
+    state is replaced by its merged group's state, and all tokens run on. ``before_mlp`` (BERT):
+    at each ``(K, keep)`` the output of block K's attention is replaced instead (between
+    attention and MLP), and ``mask`` is the model's 4-D attention mask (the hook sees none); for
+    a ViT, whose merge point is after the residual add inside the block, the block's forward is
+    replaced by a hand-written one that merges there.
 
     Attention over ``size`` identical copies of a merged token is exactly attention over that
     token with ``log(size)`` added to its logits, and a block's other ops work per token, so this
@@ -150,11 +154,9 @@ def with_merge_hooks(layers, stages, matching="bipartite"):
     state = {}
     handles = []
 
-    def before(module, args, kwargs, keep):
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def merged_copies(hidden, keep, mask):
         batch, seq, _ = hidden.shape
         if not state:
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             valid = key_valid_from_mask(mask) if mask is not None else None
             state.update(positions=torch.arange(seq).expand(batch, seq), assign=torch.arange(seq).expand(batch, seq),
                          sizes=initial_sizes(hidden, valid), valid=valid)
@@ -169,14 +171,42 @@ def with_merge_hooks(layers, stages, matching="bipartite"):
         state["sizes"] = merged_sizes(state["sizes"], assign, keep)
         state["positions"] = gather_tokens(state["positions"], index, [1])
         state["assign"] = torch.gather(assign, 1, state["assign"])
-        hidden = unmerge_tokens(state["assign"], merged)
+        return unmerge_tokens(state["assign"], merged)
+
+    def before(module, args, kwargs, keep):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = merged_copies(hidden, keep, kwargs.get("attention_mask", args[1] if len(args) > 1 else None))
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
+    def after_attention(module, args, out, keep):
+        return (merged_copies(out[0], keep, mask), *out[1:])
+
+    class Restore:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def remove(self):
+            del self.layer.forward
+
+    def vit_block(layer, keep):
+        def forward(hidden_states, attention_mask=None, **kwargs):  # ViTLayer.forward (eval: no dropout)
+            attended, _ = layer.attention(layer.layernorm_before(hidden_states), attention_mask, **kwargs)
+            hidden = merged_copies(attended + hidden_states, keep, None)
+            return layer.mlp(layer.layernorm_after(hidden)) + hidden
+        layer.forward = forward
+        return Restore(layer)
+
     for start, keep in stages:
-        handles.append(layers[start + 1].register_forward_pre_hook(
-            lambda m, a, k, keep=keep: before(m, a, k, keep), with_kwargs=True))
+        if before_mlp and hasattr(layers[start], "layernorm_after"):
+            handles.append(vit_block(layers[start], keep))
+        elif before_mlp:
+            handles.append(layers[start].attention.register_forward_hook(
+                lambda m, a, o, keep=keep: after_attention(m, a, o, keep)))
+        else:
+            handles.append(layers[start + 1].register_forward_pre_hook(
+                lambda m, a, k, keep=keep: before(m, a, k, keep), with_kwargs=True))
     return handles
 
 
@@ -188,18 +218,27 @@ def tiny_vit():
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
-@pytest.mark.parametrize("case", ["bert schedule bipartite", "bert one-shot score", "vit schedule bipartite"])
+@pytest.mark.parametrize("case", ["bert schedule bipartite", "bert one-shot score", "vit schedule bipartite",
+                                  "bert schedule before mlp", "vit schedule before mlp"])
 def test_merge_with_proportional_attention_matches_token_copies(case):
     """Merging with proportional attention (the bias added to BERT's gathered padding mask, or
     an ``attn_mask`` created for a ViT's SDPA, which had none) at one or several blocks equals the
-    eager model running every token on as a copy of its group's state."""
+    eager model running every token on as a copy of its group's state; also merging inside the
+    blocks, between attention and MLP (``reduce_before="mlp"``, from block 0's MLP on)."""
     if case.startswith("bert"):
         model, inputs = tiny_bert(), bert_inputs()
         layers, seq = model.encoder.layer, 20
     else:
         model, inputs = tiny_vit(), {"pixel_values": torch.randn(2, 1, 16, 16)}
         layers, seq = model.layers, 17
-    if "schedule" in case:
+    mask = None
+    if "before mlp" in case:  # BERT's MLP tokens per block: 15, 10, 10, 6 (block 0's attention sees all 20)
+        schedule = [0.75, 0.5, 0.5, 0.3]
+        options = {"schedule": schedule, "strategy": "merge", "reduce_before": "mlp"}
+        stages = [(i, math.ceil(r * seq)) for i, r in enumerate(schedule) if r < (schedule[i - 1] if i else 1)]
+        if case.startswith("bert"):
+            mask = inputs["attention_mask"][:, None, None, :].bool().expand(-1, 1, seq, seq)
+    elif "schedule" in case:
         schedule = [1.0, 0.75, 0.5, 0.3]
         options = {"schedule": schedule, "strategy": "merge"}
         stages = [(i - 1, math.ceil(r * seq)) for i, r in enumerate(schedule) if i and r < schedule[i - 1]]
@@ -207,7 +246,7 @@ def test_merge_with_proportional_attention_matches_token_copies(case):
         options = {"start_layer": 1, "keep_ratio": 0.5, "strategy": "merge", "matching": "score"}
         stages = [(1, math.ceil(0.5 * seq))]
     (out,), _ = run_zc(model, inputs, {"token_skip": options, "strict": True})
-    handles = with_merge_hooks(layers, stages, "score" if "score" in case else "bipartite")
+    handles = with_merge_hooks(layers, stages, "score" if "score" in case else "bipartite", "before mlp" in case, mask)
     with torch.no_grad():
         expected = model(**inputs)
     for h in handles:
@@ -361,9 +400,14 @@ def test_bad_options_and_graphs_without_blocks():
                        ({"start_layer": -1}, "start_layer"), ({"score": "attention"}, "token_skip.score"),
                        ({"strategy": "drop"}, "token_skip.strategy"), ({"withdraw_start": 3}, "go together"),
                        ({"withdraw_start": 5, "withdraw_end": 5}, "withdraw_start"),
-                       ({"withdraw_token_id": 7, "withdraw_start": 1, "withdraw_end": 3}, "withdraw_token_id")):
+                       ({"withdraw_token_id": 7, "withdraw_start": 1, "withdraw_end": 3}, "withdraw_token_id"),
+                       ({"reduce_before": "ffn"}, "token_skip.reduce_before"),
+                       ({"schedule": [0.5, 0.5, 0.5, 0.5]}, "first block's 1.0"),
+                       ({"schedule": [0.5, 0.75], "reduce_before": "mlp"}, "token_skip.schedule")):
         with pytest.raises(ValueError, match=match):
             ZcConfig.from_options({"token_skip": bad}, environ={})
+    # inside blocks, block 0's MLP may already run on fewer tokens
+    ZcConfig.from_options({"token_skip": {"schedule": [0.5, 0.5], "reduce_before": "mlp"}}, environ={})
     model = tiny_bert()
     compiled = torch.compile(model, backend="zc", options={"token_skip": {"start_layer": 3}})
     with torch.no_grad(), pytest.raises(Exception, match=r"token_skip.start_layer' must be in 0..2"):
@@ -450,6 +494,20 @@ def test_max_error_picks_a_schedule_within_the_budget_from_calibration_calls():
     assert report.status == "applied" and "token_mean" in report.metrics["calibration"]["error_measure"]
     assert output_error(pooled, full, "token_mean") <= 0.2 + 1e-5
 
+    # inside blocks the candidates may start at block 0's MLP
+    config = ZcConfig.from_options({"token_skip": {"strategy": "merge", "max_error": 0.2, "calibration_calls": 1,
+                                                   "reduce_before": "mlp"}}, environ={}).token_skip
+    report = PassReport("token_skip")
+    executor = token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None)
+    with torch.no_grad():
+        executor(*example)
+        inside = executor(*example)
+    chosen = report.metrics["calibration"]
+    assert report.status == "applied" and chosen["error"] <= 0.2 and "mlp_tokens_per_block" in report.metrics
+    assert output_error(inside, full) <= 0.2 + 1e-5
+    assert any(s[0] < 1 for family in token_skip.candidate_families(4, inside=True) for s in family)
+    assert all(s[0] == 1 for family in token_skip.candidate_families(4) for s in family)
+
     with pytest.raises(ValueError, match="token_skip.error_measure"):
         ZcConfig.from_options({"token_skip": {"max_error": 0.1, "error_measure": "kl"}}, environ={})
     for bad in (0.0, 1.5):
@@ -479,3 +537,42 @@ def test_max_error_through_torch_compile(tmp_path):
     assert report["status"] == "applied" and report["metrics"]["calibration"]["error"] <= 0.2, report
     for got, expected in zip(after, full):
         assert output_error(got, expected) <= 0.2 + 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "vit", "llama"])
+def test_reduce_before_mlp_cuts_each_block_between_attention_and_mlp(family):
+    """The MLP part of a block starts at its first module after the attention that reads one
+    hidden state: BERT's ``intermediate``, the ViT's ``layernorm_after`` (not the dropout before
+    its residual add), Llama's ``post_attention_layernorm``; the report gives both counts and the
+    rewritten graph compiles once."""
+    from zc.fx_passes.token_skip import block_stack, mlp_start
+
+    torch.manual_seed(0)
+    model, inputs, first_mlp_module = {
+        "bert": (tiny_bert(), bert_inputs(), "intermediate"),
+        "vit": (tiny_vit(), {"pixel_values": torch.randn(2, 1, 16, 16)}, "layernorm_after"),
+        "llama": (tiny_llama(), {"input_ids": torch.randint(0, 128, (2, 24)), "use_cache": False},
+                  "post_attention_layernorm"),
+    }[family]
+    gm, example = capture_graph(model, **inputs)
+    prefix, block_of = block_stack(gm)
+    for block in range(4):
+        cut = mlp_start(gm, block_of, prefix, block)
+        path = list(cut.meta["nn_module_stack"].values())[-1][0]
+        assert first_mlp_module in path and block_of[cut] == block, path
+    report = PassReport("token_skip")
+    config = ZcConfig.from_options({"token_skip": {"strategy": "skip", "start_layer": 1, "keep_ratio": 0.5,
+                                                   "reduce_before": "mlp"}}, environ={}).token_skip
+    with torch.no_grad():
+        rewritten = token_skip.prepare(gm, example, config, lambda g: g, report, lambda g: None)
+        assert rewritten is not None and report.status == "applied", report
+    seq = report.metrics["tokens"]
+    keep = math.ceil(0.5 * seq)
+    assert report.metrics["tokens_per_block"] == [seq, seq, seq, keep]
+    assert report.metrics["mlp_tokens_per_block"] == [seq, seq, keep, keep]
+    if family == "bert":  # through torch.compile: one graph for two calls
+        (out, again), graphs = run_zc(model, inputs, {"token_skip": {"strategy": "merge", "reduce_before": "mlp",
+                                                                     "schedule": [0.75, 0.5, 0.5, 0.3]},
+                                                      "strict": True}, calls=2)
+        assert graphs == 1
+        torch.testing.assert_close(again.last_hidden_state, out.last_hidden_state)

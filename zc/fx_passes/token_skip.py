@@ -38,6 +38,12 @@ masks and rotary tables from the original inputs by the original positions of th
 running, and its scatter / unmerge nests inside the one before. ``max_error`` picks the schedule
 from calibration calls (:func:`choose_schedule`).
 
+**Inside blocks** (``reduce_before="mlp"``, where ToMe merges): a stage's region starts at the
+MLP part of block K (:func:`mlp_start`: the first child module after the attention from where one
+hidden state goes on), so block K's MLP already runs on fewer tokens and the merge matches the
+states block K's attention just produced. On MiniLM this buys about half a block of every drop
+at the same quality (eager study: mean cosine 0.984 at an ideal 1.70x instead of 1.52x).
+
 Everything happens inside the one graph handed on to Inductor: the top-k, gathers and scatter
 are ATen ops Inductor fuses into its kernels (indirect loads / stores), not a Python loop.
 """
@@ -317,22 +323,66 @@ def _input_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
     return list(node.all_input_nodes)
 
 
-def skip_region(gm: torch.fx.GraphModule, block_of: dict[torch.fx.Node, int], start_layer: int) -> list[torch.fx.Node]:
-    """The ops of the blocks after ``start_layer`` (in graph order), plus glue ops between them."""
+def skip_region(
+    gm: torch.fx.GraphModule, block_of: dict[torch.fx.Node, int], start_layer: int,
+    first_op: torch.fx.Node | None = None,
+) -> list[torch.fx.Node]:
+    """The ops of the blocks after ``start_layer`` (in graph order), plus glue ops between them;
+    with ``first_op`` (the first op of block ``start_layer``'s MLP), block ``start_layer``'s ops
+    from there on too."""
     nodes = list(gm.graph.nodes)
-    later = [i for i, n in enumerate(nodes) if block_of.get(n, -1) > start_layer]
-    first, last = later[0], later[-1]
+    earlier_blocks = start_layer if first_op is None else start_layer - 1
+    later = [i for i, n in enumerate(nodes) if block_of.get(n, -1) > earlier_blocks]
+    first, last = (later[0] if first_op is None else nodes.index(first_op)), later[-1]
     region: list[torch.fx.Node] = []
     members: set[torch.fx.Node] = set()
     for node in nodes[first : last + 1]:
         block = block_of.get(node)
-        if block is not None and block <= start_layer:
+        if block is not None and block <= earlier_blocks:
             raise SkipGraph(f"op '{node.name}' of block {block} runs between the ops of later blocks")
         if block is not None or (node.op in ("call_function", "call_method")
                                  and any(i in members for i in _input_nodes(node))):
             region.append(node)
             members.add(node)
     return region
+
+
+def _is_attention(node: torch.fx.Node) -> bool:
+    return node.target in (_SDPA, F.softmax, torch.softmax) or (node.op == "call_method" and node.target == "softmax")
+
+
+def mlp_start(gm: torch.fx.GraphModule, block_of: dict[torch.fx.Node, int], prefix: str, block: int) -> torch.fx.Node:
+    """The first op of ``block``'s MLP part: the first op after the block's attention that starts
+    a run of another child module of the block (``intermediate``, ``layernorm_after``,
+    ``post_attention_layernorm``) such that the ops from there on read one value of the block's
+    earlier ops (the hidden state after the attention and its residual add). A dropout between
+    attention and residual add is no such point: the add after it reads two values."""
+    own = f"{prefix}.{block}."
+
+    def child(node: torch.fx.Node) -> str | None:
+        for path, _ in node.meta.get("nn_module_stack", {}).values():
+            path = _INDEXED_PATH.sub(r".\1", path)
+            if path.startswith(own):
+                return path[len(own):].split(".")[0]
+        return None
+
+    ops = [n for n in gm.graph.nodes if block_of.get(n) == block]
+    children = [child(n) for n in ops]
+    attention = {c for n, c in zip(ops, children) if _is_attention(n)}
+    if len(attention) != 1 or None in attention:
+        raise SkipGraph(f"reduce_before 'mlp': block {block} ('{prefix}.{block}') does not run its attention in one "
+                        "child module")
+    (attention_child,) = attention
+    last_attention = max(i for i, c in enumerate(children) if c == attention_child)
+    for i in range(last_attention + 1, len(ops)):
+        if children[i] in (None, attention_child) or children[i] == children[i - 1]:
+            continue
+        before, after = set(ops[:i]), set(ops[i:])
+        read = {v for n in ops[i:] for v in n.all_input_nodes if v not in after}
+        if len([v for v in read if v in before or any(u in before for u in v.users)]) == 1:
+            return ops[i]
+    raise SkipGraph(f"reduce_before 'mlp': block {block} ('{prefix}.{block}') has no point after its attention "
+                    "where one hidden state goes on to the rest of the block")
 
 
 # --- rewriting -------------------------------------------------------------------------------
@@ -426,7 +476,8 @@ def _check_shape(node: torch.fx.Node, old: torch.Size, new: torch.Size, seq: int
 
 def stage_plan(config: TokenSkipConfig, blocks: int, prefix: str) -> list[tuple[int, float]]:
     """``(block K, fraction of the tokens that run the blocks after K)`` at each block where the
-    token count drops: one point for ``start_layer`` / ``keep_ratio``, several for a ``schedule``."""
+    token count drops: one point for ``start_layer`` / ``keep_ratio``, several for a ``schedule``.
+    With ``reduce_before="mlp"``: ``(block K, fraction of the tokens from K's MLP on)``."""
     withdrawing = config.withdraw_start is not None or config.withdraw_token_id is not None
     if config.schedule is not None and not withdrawing:
         if len(config.schedule) != blocks:
@@ -441,9 +492,12 @@ def stage_plan(config: TokenSkipConfig, blocks: int, prefix: str) -> list[tuple[
                 f"{blocks} blocks ('{prefix}'), so that at least one block runs on fewer tokens; "
                 f"got {config.start_layer}"
             )
+        inside = int(config.reduce_before == "mlp")  # the drop is inside block K + 1, not before it
         if withdrawing:  # the span or the token id, not a ratio, says which tokens go on
-            return [(config.start_layer, 0.0)]
+            return [(config.start_layer + inside, 0.0)]
         fractions = (1.0,) * (config.start_layer + 1) + (config.keep_ratio,) * (blocks - config.start_layer - 1)
+    if config.reduce_before == "mlp":  # fractions of the MLPs: block 0's may drop already
+        return [(i, f) for i, f in enumerate(fractions) if f < (fractions[i - 1] if i else 1.0)]
     return [(i - 1, f) for i, f in enumerate(fractions) if i > 0 and f < fractions[i - 1]]
 
 
@@ -488,22 +542,32 @@ def rewrite(
     tokens = _Tokens()
     stages = []
     for start, fraction in plan:
-        stage = _rewrite_stage(gm, example_inputs, block_of, start, fraction, config, tokens, weights)
+        stage = _rewrite_stage(gm, example_inputs, block_of, prefix, start, fraction, config, tokens, weights)
         if stage is not None:
             stages.append(stage)
     gm.graph.lint()
     gm.recompile()
-    counts = [tokens.seq] * len(blocks)
+    inside = config.reduce_before == "mlp"
+    counts = [tokens.seq] * len(blocks)  # each block's attention (and, between blocks, its MLP)
+    mlp_counts = [tokens.seq] * len(blocks)
     for start, keep in stages:
         counts[start + 1 :] = [keep] * (len(blocks) - start - 1)
+        mlp_counts[start + (0 if inside else 1):] = [keep] * (len(blocks) - start - (0 if inside else 1))
     report.metrics.update(tokens=tokens.seq, kept_tokens=stages[-1][1], start_layer=stages[0][0],
-                          tokens_per_block=counts, block_token_fraction=sum(counts) / (tokens.seq * len(blocks)))
+                          tokens_per_block=counts, reduce_before=config.reduce_before,
+                          block_token_fraction=(sum(counts) + sum(mlp_counts)) / (2 * tokens.seq * len(blocks)))
+    if inside:
+        report.metrics["mlp_tokens_per_block"] = mlp_counts
     what = ("withdrawn span" if config.withdraw_start is not None else
             f"withdrawn tokens with id {config.withdraw_token_id}" if config.withdraw_token_id is not None else
             f"bipartite matching{', proportional attention' if config.proportional_attention else ''}"
             if config.strategy == "merge" and config.matching == "bipartite" else f"score {config.score}")
+    where = (f"{prefix}.{stages[0][0]} (from its MLP)..{blocks[-1]}" if inside
+             else f"{prefix}.{stages[0][0] + 1}..{blocks[-1]}")
+    if inside:
+        what += f"; MLP tokens per block {mlp_counts}, merged or left between attention and MLP"
     report.rewrote(
-        f"{prefix}.{stages[0][0] + 1}..{blocks[-1]}",
+        where,
         f"tokens per block {counts} of {tokens.seq} ({config.strategy}, {what}); the others keep their "
         f"state from the block where they left" if config.strategy == "skip" else
         f"tokens per block {counts} of {tokens.seq} ({config.strategy}, {what}); each merged token takes "
@@ -518,6 +582,7 @@ def _rewrite_stage(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     block_of: dict[torch.fx.Node, int],
+    prefix: str,
     start: int,
     fraction: float,
     config: TokenSkipConfig,
@@ -526,13 +591,14 @@ def _rewrite_stage(
 ) -> tuple[int, int] | None:
     """Blocks after ``start`` rewritten to run on ``ceil(fraction * S)`` tokens; ``(start, k)``,
     or ``None`` when that is no fewer than the tokens already running there."""
-    region = skip_region(gm, block_of, start)
+    inside = config.reduce_before == "mlp"
+    region = skip_region(gm, block_of, start, mlp_start(gm, block_of, prefix, start) if inside else None)
     members = set(region)
     first = tokens.seq is None
 
-    # The hidden state from block K: the one input of the region computed by the earlier blocks
-    # (besides the token-indexed inputs an earlier stage gathered).
-    earlier = {n for n, b in block_of.items() if b <= start}
+    # The hidden state from block K (inside: from K's attention): the one input of the region
+    # computed by the earlier blocks (besides the token-indexed inputs an earlier stage gathered).
+    earlier = {n for n, b in block_of.items() if b <= start and n not in members}
     depends_on_blocks: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
         if node in members:
@@ -679,6 +745,8 @@ def _add_bias_mask(graph: torch.fx.Graph, region: list[torch.fx.Node], sizes: to
     """Proportional attention for a model without an attention mask: the ``log(size)`` bias
     becomes the ``attn_mask`` of every SDPA call of the later blocks."""
     attention = [n for n in region if n.target is _SDPA]
+    if not any(_is_attention(n) for n in region):  # only the last block's MLP runs on merged tokens
+        return
     plain = [n for n in attention if not n.kwargs.get("is_causal") and n.kwargs.get("attn_mask") is None
              and (len(n.args) < 4 or n.args[3] is None) and (len(n.args) < 6 or not n.args[5])]
     if not attention or len(plain) != len(attention):
@@ -813,13 +881,14 @@ def prepare(
 CANDIDATE_FINAL_RATIOS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-def candidate_families(blocks: int) -> list[list[tuple[float, ...]]]:
+def candidate_families(blocks: int, inside: bool = False) -> list[list[tuple[float, ...]]]:
     """Schedules ``max_error`` chooses from, in families ordered from the fewest tokens kept
     (the error grows along a family as its last ratio shrinks, so a family is bisected): for each
     block ``s`` that is the last to run on every token, either one drop to the last ratio after
-    it, or a linear decrease from 1 to the last ratio over the remaining blocks."""
+    it, or a linear decrease from 1 to the last ratio over the remaining blocks. ``inside``
+    (``reduce_before="mlp"``, ratios of the MLPs): also from block 0's MLP on (``s = -1``)."""
     families = []
-    for last_full in range(blocks - 1):
+    for last_full in range(-1 if inside else 0, blocks - 1):
         steps = blocks - 1 - last_full
         shapes = [lambda f: (f,) * steps]
         if steps > 1:
@@ -876,7 +945,7 @@ def choose_schedule(
         return errors[schedule]
 
     best: tuple[float, ...] | None = None
-    for family in candidate_families(blocks):
+    for family in candidate_families(blocks, config.reduce_before == "mlp"):
         # the cheapest schedule of the family within the budget, among those cheaper than the best so far
         cheaper = [s for s in family if best is None or sum(s) < sum(best)]
         low, high = 0, len(cheaper)

@@ -30,6 +30,14 @@ so Inductor's scheduler runs them in order and its buffer reuse gives each slice
 previous one freed: only one slice's intermediates are alive at a time. Each slice is fused by
 Inductor like the original chain (the same kernels, on smaller tensors).
 
+**Inductor.** Three of its choices would put the slices back together; the allocator's
+measured peak (not the estimate) showed each: horizontal fusion of independent slices that read
+the same small tensors (kept apart: the ops of each slice are tagged and :class:`_SlicesApart`
+refuses to fuse two slices of a chain), its reordering for peak memory (turned off for a graph
+with sliced chains: its estimate picked an order running every slice before any store), and a
+contiguous exit buffer read by a convolution it lays out channels_last (copied whole: 4-d exit
+buffers are channels_last when Inductor's layout optimisation applies).
+
 **Slice counts.** ``max_slices`` slices every worthwhile chain that many times; with a
 ``memory_budget`` a liveness simulation of the graph (pointwise ops fused into their single
 consumer, as Inductor does; views free) picks, chain by chain where the simulated peak lies, the

@@ -372,8 +372,9 @@ class OpGroupingConfig(PassConfig):
     ``spatial``: also cut chains of convolutions / pointwise ops / nearest upsampling over
     ``[N, C, H, W]`` images into bands of rows, each widened by the halo its convolutions read
     (after the chains along independent dims, inside their slices). Off by default: exact on
-    the VAE decoders, conv stacks and the video UNet tested, but on CPU it lowers the measured
-    peak little (batch-4 decode 3.2x vs 3.1x without) and multiplies the compiled kernels.
+    the VAE decoders, conv stacks and the video UNet tested, and it lowers a batch-4 decode's
+    measured peak further (3.9x below Inductor's vs 3.1x without), but it multiplies the
+    compiled kernels (compile time) and costs a few percent of time.
     """
 
     memory_budget: int | str | None = None

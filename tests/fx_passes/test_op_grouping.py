@@ -266,6 +266,77 @@ def test_conv_stack_row_bands_with_halo_have_no_seams(tmp_path):
     assert max(map(math.prod, allocations)) < 16 * 64 * 64, allocations
 
 
+class _NormedConvStack(torch.nn.Module):
+    """A decoder's pattern: upsample -> conv, then a group norm (statistics over all rows) ->
+    SiLU -> conv -> SiLU -> conv. The norm cuts the row chains in two."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(8, 32)
+        self.conv2 = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.conv3 = torch.nn.Conv2d(32, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv1(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        h = self.conv2(torch.nn.functional.silu(self.norm(h)))
+        return self.conv3(torch.nn.functional.silu(h))
+
+
+def _allocated_peak(call):
+    """Peak bytes held by tensors allocated during ``call`` (the profiler's allocator events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_row_bands_stay_apart_in_inductors_schedule(tmp_path):
+    """Inductor would undo the bands: horizontal fusion computes many bands' inputs in one kernel
+    (they read the same norm statistics), its peak-memory reordering ran every band's
+    convolution before any store, and a contiguous exit buffer read by a convolution was copied
+    whole into channels_last. The measured peak must fall below Inductor's."""
+    torch.manual_seed(0)
+    stack = _NormedConvStack().eval()
+    # Bands large enough for oneDNN (PyTorch runs a batch-1 3x3 convolution of at most 20480
+    # input elements with im2col, whose workspace is 9 times its input).
+    x = torch.randn(1, 16, 48, 48)
+    with torch.no_grad():
+        inductor = torch.compile(stack, backend="inductor")
+        expected = inductor(x)
+        torch._dynamo.reset()
+        zc = _compile_zc(stack, tmp_path, max_slices=4, spatial=True)
+        out, (code,) = run_and_get_code(zc, x)
+        assert torch._inductor.config.reorder_for_peak_memory  # turned off for that compile only
+        inductor_peak, zc_peak = _allocated_peak(lambda: inductor(x)), _allocated_peak(lambda: zc(x))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (report,) = _op_grouping_report(tmp_path)
+    assert sum(c["kind"] == "image rows with halo" for c in report["metrics"]["chains"]) >= 2
+    # One whole 32-channel buffer (the norm's input, stored band by band); every other is a
+    # band's input (96 rows in 4 bands of 24, plus the halo), each read by a convolution before
+    # the next is allocated.
+    calls = code[code.index("def call("):]
+    rows = [int(r) for r in re.findall(r"empty_strided_cpu\(\(1, 32, (\d+), 96\)", calls)]
+    assert rows.count(96) == 1 and all(r <= 28 for r in rows if r != 96), rows
+    pending = 0
+    for line in calls.splitlines():
+        if re.search(r"empty_strided_cpu\(\(1, (16|32), (\d|1\d|2\d), 96\)", line):
+            pending += 1
+            assert pending == 1, "two bands' inputs allocated before a convolution read the first"
+        elif "extern_kernels.convolution(" in line:
+            pending = 0
+    # Inductor holds two whole 32-channel tensors at once (conv1's output and the normalised
+    # input of conv2 or conv2's output); with bands one (the norm's input) plus about one band's
+    # input and output. Any of the three undoings above puts several bands back at once.
+    assert zc_peak < 0.9 * inductor_peak, (zc_peak, inductor_peak)
+
+
 def _tiny_vae():
     from diffusers import AutoencoderKL
 

@@ -9,6 +9,7 @@ from torch._inductor.utils import run_and_get_code
 
 from zc.config import ZcConfig
 from zc.dump import load_report
+from zc.fx_passes import op_grouping
 from zc.fx_passes.pass_manager import ZcWarning
 
 
@@ -313,7 +314,9 @@ def test_row_bands_stay_apart_in_inductors_schedule(tmp_path):
         torch._dynamo.reset()
         zc = _compile_zc(stack, tmp_path, max_slices=4, spatial=True)
         out, (code,) = run_and_get_code(zc, x)
-        assert torch._inductor.config.reorder_for_peak_memory  # turned off for that compile only
+        # turned off, and the fusion guard installed, for that compile only
+        assert torch._inductor.config.reorder_for_peak_memory
+        assert not isinstance(torch._inductor.virtualized.V.choices, op_grouping._SlicesApart)
         inductor_peak, zc_peak = _allocated_peak(lambda: inductor(x)), _allocated_peak(lambda: zc(x))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     (report,) = _op_grouping_report(tmp_path)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch._inductor.config as inductor_config
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import get_custom_graph_passes
+from torch._inductor.virtualized import V
 
 from zc.fx_passes.pass_manager import PassManager
 
@@ -37,7 +39,13 @@ def compile_with_inductor(
     def inner_compile(graph_module, inputs, **kwargs):
         stage = _stage(kwargs)
         manager.begin_stage(stage)
-        compiled = compile_fx_inner(graph_module, inputs, **kwargs)
+        # A pass may adjust Inductor's choices for the graph it rewrote (op_grouping keeps its
+        # slices apart): the fusion heuristics and the peak-memory reordering it may change are
+        # put back when this graph's compile ends, however it ends.
+        with V.set_choices_handler(V.choices), inductor_config.patch(
+            reorder_for_peak_memory=inductor_config.reorder_for_peak_memory
+        ):
+            compiled = compile_fx_inner(graph_module, inputs, **kwargs)
         source = getattr(compiled, "source_code", None)
         if source:
             on_code(stage, source)

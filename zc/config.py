@@ -14,10 +14,15 @@ import json
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 ENV_PREFIX = "ZC_"
+
+
+def _check_one_of(option: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"zc: option '{option}' must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +83,7 @@ class QuantizeConfig(PassConfig):
     shorthand: ClassVar[str | None] = "mode"
 
     def check(self) -> None:
-        if self.mode not in QUANTIZE_MODES:
-            raise ValueError(f"zc: option 'quantize.mode' must be one of {', '.join(QUANTIZE_MODES)}; got {self.mode!r}")
+        _check_one_of("quantize.mode", self.mode, QUANTIZE_MODES)
         if self.calibration_steps < 1:
             raise ValueError(f"zc: option 'quantize.calibration_steps' must be >= 1; got {self.calibration_steps}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -178,15 +182,9 @@ class TokenSkipConfig(PassConfig):
         if self.withdraw_start is not None and not 0 < self.withdraw_start < self.withdraw_end:
             raise ValueError("zc: option 'token_skip.withdraw_start' must be > 0 (the first token stays) and "
                              f"< 'withdraw_end'; got {self.withdraw_start} and {self.withdraw_end}")
-        if self.strategy not in TOKEN_SKIP_STRATEGIES:
-            raise ValueError(f"zc: option 'token_skip.strategy' must be one of {', '.join(TOKEN_SKIP_STRATEGIES)}; "
-                             f"got {self.strategy!r}")
-        if self.score not in TOKEN_SKIP_SCORES:
-            raise ValueError(f"zc: option 'token_skip.score' must be one of {', '.join(TOKEN_SKIP_SCORES)}; "
-                             f"got {self.score!r}")
-        if self.anchor not in TOKEN_SKIP_ANCHORS:
-            raise ValueError(f"zc: option 'token_skip.anchor' must be one of {', '.join(TOKEN_SKIP_ANCHORS)}; "
-                             f"got {self.anchor!r}")
+        _check_one_of("token_skip.strategy", self.strategy, TOKEN_SKIP_STRATEGIES)
+        _check_one_of("token_skip.score", self.score, TOKEN_SKIP_SCORES)
+        _check_one_of("token_skip.anchor", self.anchor, TOKEN_SKIP_ANCHORS)
         if self.max_error is not None and not 0.0 < self.max_error < 1.0:
             raise ValueError(f"zc: option 'token_skip.max_error' must be in (0, 1) (1 - cosine similarity); "
                              f"got {self.max_error}")
@@ -196,17 +194,11 @@ class TokenSkipConfig(PassConfig):
         if self.max_error is not None and (self.withdraw_start is not None or self.withdraw_token_id is not None):
             raise ValueError("zc: option 'token_skip.max_error' does not go with 'withdraw_start' / 'withdraw_end' "
                              "(the withdrawn span is fixed)")
-        if self.error_measure not in TOKEN_SKIP_ERROR_MEASURES:
-            raise ValueError(f"zc: option 'token_skip.error_measure' must be one of "
-                             f"{', '.join(TOKEN_SKIP_ERROR_MEASURES)}; got {self.error_measure!r}")
+        _check_one_of("token_skip.error_measure", self.error_measure, TOKEN_SKIP_ERROR_MEASURES)
         if self.calibration_calls < 1:
             raise ValueError(f"zc: option 'token_skip.calibration_calls' must be >= 1; got {self.calibration_calls}")
-        if self.matching not in TOKEN_SKIP_MATCHINGS:
-            raise ValueError(f"zc: option 'token_skip.matching' must be one of {', '.join(TOKEN_SKIP_MATCHINGS)}; "
-                             f"got {self.matching!r}")
-        if self.reduce_before not in TOKEN_SKIP_REDUCE_POINTS:
-            raise ValueError(f"zc: option 'token_skip.reduce_before' must be one of "
-                             f"{', '.join(TOKEN_SKIP_REDUCE_POINTS)}; got {self.reduce_before!r}")
+        _check_one_of("token_skip.matching", self.matching, TOKEN_SKIP_MATCHINGS)
+        _check_one_of("token_skip.reduce_before", self.reduce_before, TOKEN_SKIP_REDUCE_POINTS)
         if self.schedule is not None:
             ratios = self.schedule
             first_whole = self.reduce_before == "block"  # inside blocks, block 0's MLP may already run on fewer
@@ -295,8 +287,7 @@ class StepCacheConfig(PassConfig):
             raise ValueError(f"zc: option 'step_cache.min_steps' must be >= 0; got {self.min_steps}")
         if not self.schedule_power > 0:
             raise ValueError(f"zc: option 'step_cache.schedule_power' must be > 0; got {self.schedule_power}")
-        if self.forecast not in STEP_CACHE_FORECASTS:
-            raise ValueError(f"zc: option 'step_cache.forecast' must be one of {STEP_CACHE_FORECASTS}; got {self.forecast!r}")
+        _check_one_of("step_cache.forecast", self.forecast, STEP_CACHE_FORECASTS)
 
 
 WINDOW_ATTENTION_MODES = ("exact", "approximate")

@@ -167,6 +167,20 @@ MODELS: dict[str, Callable[[bool], Workload]] = {
 }
 
 
+def small_unet_motion() -> torch.nn.Module:
+    """AnimateDiff's ``UNetMotionModel`` from a small config (2 levels, 32 / 64 channels,
+    temporal transformers in every block), random weights: op_grouping's benchmark and tests."""
+    from diffusers import UNetMotionModel
+
+    return UNetMotionModel(
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32,
+        in_channels=4, out_channels=4,
+    ).eval()
+
+
 def build(name: str, quick: bool) -> Workload:
     """Build ``name`` with the same random weights and inputs whatever was built before it."""
     torch.manual_seed(0)

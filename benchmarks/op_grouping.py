@@ -49,6 +49,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import environment, format_table, select_device, timed_block, write_results  # noqa: E402
+from benchmarks.models import small_unet_motion  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -128,16 +129,8 @@ def _vae_own(batch: int) -> dict[str, Callable]:
 
 
 def unet_motion(quick: bool) -> tuple[torch.nn.Module, tuple, dict[str, Callable]]:
-    from diffusers import UNetMotionModel
-
     frames, size = (16, 16) if quick else (16, 32)
-    unet = UNetMotionModel(
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
-        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32,
-        in_channels=4, out_channels=4,
-    ).eval()
+    unet = small_unet_motion()
 
     def chunked(model):
         model.unet.enable_forward_chunking(chunk_size=1, dim=1)

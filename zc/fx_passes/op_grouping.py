@@ -1069,7 +1069,7 @@ def rewrite_rows(graph: torch.fx.Graph, chain: Chain) -> None:
     """Run a chain built by :func:`_grow_cut` band by band; each member computes the rows (units)
     its consumers need: with a halo, wider bands upstream of each convolution."""
     members = list(chain.nodes)
-    emit = _emitter(graph, members[-1])
+    emit = _Emitter(graph, members[-1])
     buffers = _exit_buffers(chain, emit)
     serial = next(_CHAIN_SERIALS)
     for k, (start, stop) in enumerate(_bounds(chain.units, chain.slices)):
@@ -1282,7 +1282,7 @@ def _bounds(units: int, slices: int) -> list[tuple[int, int]]:
 
 def rewrite(graph: torch.fx.Graph, chain: Chain) -> None:
     members = list(chain.nodes)
-    emit = _emitter(graph, members[-1])
+    emit = _Emitter(graph, members[-1])
     per_slice: dict[torch.fx.Node, list[torch.fx.Node]] = {n: [] for n in members}
 
     entry_cache: dict[tuple[torch.fx.Node, Slicing, int], torch.fx.Node] = {}
@@ -1358,10 +1358,6 @@ class _Emitter:
         if self.slice_tag is not None:
             node.meta[_SLICE_TAG] = self.slice_tag
         return node
-
-
-def _emitter(graph: torch.fx.Graph, insert_before: torch.fx.Node) -> _Emitter:
-    return _Emitter(graph, insert_before)
 
 
 def _exit_buffers(chain: Chain, emit: Callable[..., torch.fx.Node]) -> dict[torch.fx.Node, torch.fx.Node]:

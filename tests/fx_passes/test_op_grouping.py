@@ -88,11 +88,7 @@ def test_transformers_bert_layers_exact(tmp_path):
 
 @pytest.mark.slow
 def test_diffusers_vae_decoder_batch_slices(tmp_path):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1).eval()
+    vae = _tiny_vae()
     z = torch.randn(2, 4, 16, 16)
 
     def decode(z):
@@ -391,16 +387,10 @@ def test_diffusers_unet_motion_row_bands_read_exit_buffers_after_their_stores(tm
     slice into a preallocated buffer): the path from the resnet through the buffer's copy_ to
     the add is hidden from FX (the buffer's full-size view only reads the empty buffer), so the
     row chain was taken as convex and its block read the buffer before the stores: garbage."""
-    from diffusers import UNetMotionModel
+    from benchmarks.models import small_unet_motion
 
     torch.manual_seed(0)
-    unet = UNetMotionModel(
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
-        num_attention_heads=2, motion_num_attention_heads=2, motion_max_seq_length=32,
-        in_channels=4, out_channels=4,
-    ).eval()
+    unet = small_unet_motion()
     args = (torch.randn(1, 4, 8, 16, 16), torch.tensor(10), torch.randn(8, 8, 32))
 
     def denoise(sample, timestep, context):

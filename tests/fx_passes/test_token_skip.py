@@ -56,6 +56,15 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+def run_hooked(model, inputs, handles):
+    """The model's outputs on ``inputs`` with the hooks of ``handles`` in place; removes them."""
+    with torch.no_grad():
+        outputs = model(**inputs)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
 def with_skip_hooks(model, layers, start_layer, keep_ratio, anchor=0, seen=None, span=None):
     """Eager ``model`` whose blocks after ``start_layer`` see only the kept tokens (by hand)."""
     state = {}
@@ -119,10 +128,7 @@ def test_bert_skip_matches_hand_written_reference_with_padding_and_compiles_once
     assert graphs == 1  # a second call reuses the one compiled graph
     seen = []
     handles = with_skip_hooks(model, model.encoder.layer, 1, 0.5, seen=seen)
-    with torch.no_grad():
-        expected = model(**inputs)
-    for h in handles:
-        h.remove()
+    expected = run_hooked(model, inputs, handles)
     with torch.no_grad():
         full = model(**inputs)
     assert out.last_hidden_state.shape == full.last_hidden_state.shape
@@ -247,10 +253,7 @@ def test_merge_with_proportional_attention_matches_token_copies(case):
         stages = [(1, math.ceil(0.5 * seq))]
     (out,), _ = run_zc(model, inputs, {"token_skip": options, "strict": True})
     handles = with_merge_hooks(layers, stages, "score" if "score" in case else "bipartite", "before mlp" in case, mask)
-    with torch.no_grad():
-        expected = model(**inputs)
-    for h in handles:
-        h.remove()
+    expected = run_hooked(model, inputs, handles)
     with torch.no_grad():
         full = model(**inputs)
     assert out.last_hidden_state.shape == full.last_hidden_state.shape
@@ -293,10 +296,7 @@ def test_skip_schedule_matches_nested_hand_written_reference():
     handles = [layers[i].register_forward_pre_hook(lambda m, a, k, i=i: before(m, a, k, i), with_kwargs=True)
                for i in range(1, 4)]
     handles.append(layers[-1].register_forward_hook(after))
-    with torch.no_grad():
-        expected = model(**inputs)
-    for h in handles:
-        h.remove()
+    expected = run_hooked(model, inputs, handles)
     assert [index.shape[1] for _, index in state["left"]] == [15, 10]
     torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-4)
 
@@ -326,10 +326,7 @@ def test_llama_keeps_first_and_last_token_and_gathers_rotary_and_causal_mask():
     (out,), _ = run_zc(model, inputs, {"token_skip": {"start_layer": 1, "keep_ratio": 0.5}, "strict": True})
     seen = []
     handles = with_skip_hooks(model, model.model.layers, 1, 0.5, anchor=-1, seen=seen)
-    with torch.no_grad():
-        expected = model(**inputs)
-    for h in handles:
-        h.remove()
+    expected = run_hooked(model, inputs, handles)
     assert out.logits.shape == (2, 24, 128)
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
     index = seen[0]
@@ -343,10 +340,7 @@ def test_vision_token_withdrawal_drops_a_span_after_block_k():
     (out,), _ = run_zc(model, inputs, options)
     seen = []
     handles = with_skip_hooks(model, model.model.layers, 1, None, anchor=-1, seen=seen, span=(4, 16))
-    with torch.no_grad():
-        expected = model(**inputs)
-    for h in handles:
-        h.remove()
+    expected = run_hooked(model, inputs, handles)
     assert seen[0].shape == (2, 12) and seen[0][0].tolist() == [0, 1, 2, 3, *range(16, 24)]
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
 
@@ -361,10 +355,7 @@ def test_vision_token_withdrawal_finds_the_span_from_the_image_token_id():
     with torch.no_grad():
         out = compiled(**inputs)
     handles = with_skip_hooks(model, model.model.layers, 1, None, anchor=-1, span=(4, 16))
-    with torch.no_grad():
-        expected = model(**inputs)
-    for h in handles:
-        h.remove()
+    expected = run_hooked(model, inputs, handles)
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
     # the image tokens may move, their number may not: it is compiled into the shapes
     moved = torch.randint(0, 120, (2, 24))

@@ -263,6 +263,50 @@ def test_conv_stack_row_bands_with_halo_have_no_seams(tmp_path):
     assert max(map(math.prod, allocations)) < 16 * 64 * 64, allocations
 
 
+
+class _ResnetThenBatchSoftmax(torch.nn.Module):
+    """A resnet block over a batch of frames, then an op over the frames (a temporal layer's
+    stand-in): the chain over the frames is cut there, and its exits include the second group
+    norm's statistics, which the norm's decomposition reads through ``as_strided``."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.conv1 = torch.nn.GroupNorm(4, 32), torch.nn.Conv2d(32, 16, 3, padding=1)
+        self.norm2, self.conv2 = torch.nn.GroupNorm(4, 16), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.shortcut = torch.nn.Conv2d(32, 16, 1)
+
+    def forward(self, x, t):
+        h = self.conv1(torch.nn.functional.silu(self.norm1(x))) + t[:, :, None, None]
+        h = self.conv2(torch.nn.functional.silu(self.norm2(h)))
+        return torch.softmax(self.shortcut(x) + h, dim=0)
+
+
+def test_exits_read_through_as_strided_keep_the_graphs_strides(tmp_path, monkeypatch):
+    """Every chain found is cut (as a budget may ask): a 4-d exit read by ``as_strided`` (group
+    norm statistics) must keep the strides the graph gave it. Laid out channels_last like a
+    convolution's exit, the ``as_strided`` view read it scrambled (max diff 0.43)."""
+    choose = op_grouping.choose_slices
+
+    def cut_all(graph, chains, config):
+        before, peak = choose(graph, chains, config)
+        for chain in chains:
+            chain.slices = min(4, chain.most_slices())
+        return before, peak
+
+    # (zc's cache key hashes its sources: a cached compile of this graph was patched too.)
+    monkeypatch.setattr(op_grouping, "choose_slices", cut_all)
+    torch.manual_seed(0)
+    block = _ResnetThenBatchSoftmax().eval()
+    x, t = torch.randn(16, 32, 8, 8), torch.randn(16, 16)
+    with torch.no_grad():
+        expected = torch.compile(block, backend="inductor")(x, t)
+        torch._dynamo.reset()
+        out = _compile_zc(block, tmp_path, max_slices=4)(x, t)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    (report,) = _op_grouping_report(tmp_path)
+    cut = [c for c in report["metrics"]["chains"] if "cut at a conflict" in c["kind"]]
+    assert any(op.startswith("var_mean") for c in cut for op in c["ops"]), cut
+
 class _NormedConvStack(torch.nn.Module):
     """A decoder's pattern: upsample -> conv, then a group norm (statistics over all rows) ->
     SiLU -> conv -> SiLU -> conv. The norm cuts the row chains in two."""

@@ -1379,7 +1379,11 @@ def _exit_buffers(chain: Chain, emit: Callable[..., torch.fx.Node]) -> dict[torc
             # channels_last where Inductor lays convolutions out so (their inputs and outputs):
             # a contiguous buffer read by a convolution would first be copied whole. (Inductor's
             # lowering of ``empty`` ignores ``memory_format``: the strides are spelled out.)
-            if chain.channels_last and len(shape) == 4:
+            if any(u.target is aten.as_strided.default for u in exit_node.users):
+                # as_strided reads the storage as the graph laid it out (a group norm's
+                # statistics, viewed [N, C] by its decomposition): channels_last scrambled it.
+                strides = list(value.stride())
+            elif chain.channels_last and len(shape) == 4:
                 n, c, h, w = shape
                 strides = [c * h * w, 1, w * c, c]
             else:

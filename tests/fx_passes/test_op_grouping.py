@@ -263,7 +263,6 @@ def test_conv_stack_row_bands_with_halo_have_no_seams(tmp_path):
     assert max(map(math.prod, allocations)) < 16 * 64 * 64, allocations
 
 
-
 class _ResnetThenBatchSoftmax(torch.nn.Module):
     """A resnet block over a batch of frames, then an op over the frames (a temporal layer's
     stand-in): the chain over the frames is cut there, and its exits include the second group
@@ -306,6 +305,7 @@ def test_exits_read_through_as_strided_keep_the_graphs_strides(tmp_path, monkeyp
     (report,) = _op_grouping_report(tmp_path)
     cut = [c for c in report["metrics"]["chains"] if "cut at a conflict" in c["kind"]]
     assert any(op.startswith("var_mean") for c in cut for op in c["ops"]), cut
+
 
 class _NormedConvStack(torch.nn.Module):
     """A decoder's pattern: upsample -> conv, then a group norm (statistics over all rows) ->

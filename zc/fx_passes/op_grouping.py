@@ -600,15 +600,16 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
                 if not joined:
                     raise
                 # The members on the far side of the path from the seed go.
-                before = set(region)
                 ancestors = _related(node, region, upward=True)
                 far = _related(node, region, upward=False) if seed in ancestors else ancestors
-                if seed not in far:
-                    for member in far:
-                        region.pop(member, None)
-                    _keep_connected(region, seed)
+                if seed in far:
+                    raise _Rejected(f"{why}; cutting there drops part of a merged chain") from None
+                before = set(region)
+                for member in far:
+                    del region[member]
+                _keep_connected(region, seed)
                 gone = before - set(region)
-                if seed in far or any(n in joined for n in gone):
+                if any(n in joined for n in gone):
                     raise _Rejected(f"{why}; cutting there drops part of a merged chain") from None
                 dropped.update(gone)
                 break
@@ -1505,9 +1506,7 @@ def _store_summed_entries(graph: torch.fx.Graph, chain: Chain) -> None:
         buffer = emit(aten.empty_strided.default, (list(value.shape), _buffer_strides(entry, chain.channels_last)),
                       {"dtype": value.dtype, "device": value.device}, like=entry)
         store = emit(aten.copy_.default, (buffer, entry))
-        stored = emit(aten.reshape.default, (buffer, list(value.shape)))
-        stored.meta[_SLICED_EXIT] = True
-        entry.replace_all_uses_with(stored, delete_user_cb=lambda user: user is not store)
+        _read_from_buffer(entry, buffer, emit, keep=lambda user: user is store)
         order = {node: i for i, node in enumerate(graph.nodes)}
 
 
@@ -1522,12 +1521,20 @@ def _store_slice(chain: Chain, exit_node: torch.fx.Node, buffer: torch.fx.Node, 
     emit(aten.copy_.default, (emit(aten.slice.Tensor, (buffer, d + 1, start, stop)), part))
 
 
+def _read_from_buffer(node: torch.fx.Node, buffer: torch.fx.Node, emit: Callable[..., torch.fx.Node],
+                      keep: Callable[[torch.fx.Node], bool]) -> None:
+    """Every user of ``node`` but those ``keep`` names reads the full-size view of ``buffer``
+    (preallocated, filled by ``copy_``) instead. The view is marked so that :func:`_users` and
+    :func:`_inputs` see the hidden edges from the copies to it."""
+    whole = emit(aten.reshape.default, (buffer, list(_shape(node))))
+    whole.meta[_SLICED_EXIT] = True
+    node.replace_all_uses_with(whole, delete_user_cb=lambda user: not keep(user))
+
+
 def _replace_exits(graph: torch.fx.Graph, chain: Chain, buffers: dict[torch.fx.Node, torch.fx.Node],
                    emit: Callable[..., torch.fx.Node]) -> None:
     for exit_node, buffer in buffers.items():
-        whole = emit(aten.reshape.default, (buffer, list(_shape(exit_node))))
-        whole.meta[_SLICED_EXIT] = True
-        exit_node.replace_all_uses_with(whole, delete_user_cb=lambda user: user not in chain.nodes)
+        _read_from_buffer(exit_node, buffer, emit, keep=lambda user: user in chain.nodes)
     for node in reversed(list(chain.nodes)):
         graph.erase_node(node)
 

@@ -8,7 +8,11 @@ from typing import Any
 import torch
 import torch._inductor.config as inductor_config
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+try:
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+except ImportError:  # torch < 2.13 (the GPU machines' image has 2.11): one custom pre-pass, no list
+    get_custom_graph_passes = None
 from torch._inductor.virtualized import V
 
 from zc.fx_passes.pass_manager import PassManager
@@ -34,7 +38,13 @@ def compile_with_inductor(
     """
     patches = dict(inductor_patches)
     existing = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
-    patches["post_grad_custom_pre_pass"] = [*get_custom_graph_passes(existing), manager]
+    if get_custom_graph_passes is not None:
+        patches["post_grad_custom_pre_pass"] = [*get_custom_graph_passes(existing), manager]
+    elif existing is None:
+        patches["post_grad_custom_pre_pass"] = manager
+    else:
+        raise RuntimeError(f"zc runs beside another post_grad_custom_pre_pass ({existing!r}) only on torch >= 2.13 "
+                           f"(this is {torch.__version__})")
 
     def inner_compile(graph_module, inputs, **kwargs):
         stage = _stage(kwargs)

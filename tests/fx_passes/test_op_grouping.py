@@ -64,6 +64,29 @@ def test_ffn_token_slices_equal_unsliced_compiled_model(tmp_path, batch):
     assert "# reuse" in calls
 
 
+def test_a_view_read_outside_the_chain_is_not_stored_beside_its_base(tmp_path):
+    """The residual stream leaves the chain twice: whole (returned) and as a view read by a sum
+    over the tokens (which cannot join a chain over tokens). One exit buffer holds it; the view
+    reads that buffer instead of being stored a second time (it was: exits ``add_1, view_6``)."""
+    mlp = _llama_mlp(hidden=128)
+    x = torch.randn(1, 128, 128)
+
+    def block(x):
+        y = mlp(x) + x
+        return y, y.reshape(128, 128).sum(0)
+
+    with torch.no_grad():
+        expected = torch.compile(block, backend="inductor")(x)
+        torch._dynamo.reset()
+        out = _compile_zc(block, tmp_path, max_slices=4)(x)
+    for got, want in zip(out, expected):
+        assert torch.equal(got, want)
+    (report,) = _op_grouping_report(tmp_path)
+    (chain,) = report["metrics"]["chains"]
+    assert chain["slices"] == 4 and sum(op.startswith("mm") for op in chain["ops"]) == 3
+    assert len(chain["exits"]) == 1 and chain["exits"][0].startswith("add"), chain["exits"]
+
+
 def test_a_summed_entry_is_stored_before_the_slices_so_its_summands_die(tmp_path):
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 

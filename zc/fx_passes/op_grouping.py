@@ -620,6 +620,7 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
         for arg, need in zip(_occurrences(node), needs[node]):
             if arg in region and need != region[arg]:
                 raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
+    _drop_outside_views(region, seed)
     nodes = dict(sorted(region.items(), key=lambda item: order[item[0]]))
     entries = {}
     for node in nodes:
@@ -630,6 +631,21 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
     if any(isinstance(_val(n), (tuple, list)) for n in exits):
         raise _Rejected("a multi-output op of the chain is read outside it")
     return Chain(nodes, units, seed, entries, exits)
+
+
+def _outside_view(node: torch.fx.Node, region: dict[torch.fx.Node, Any], seed: torch.fx.Node) -> bool:
+    """Whether member ``node`` is a view read only outside the chain (not a projection of a
+    tuple, which goes with its tuple): as an exit it would store the data its base holds a
+    second time (a group norm's statistics read ``reshape(h)`` while the next op reads ``h``);
+    left outside, it views its base's exit buffer."""
+    return (node is not seed and node.target in _ALIASES and not any(u in region for u in node.users)
+            and not isinstance(_val(node.args[0]), (tuple, list)))
+
+
+def _drop_outside_views(region: dict[torch.fx.Node, Any], seed: torch.fx.Node) -> None:
+    while views := [n for n in region if _outside_view(n, region, seed)]:
+        for node in views:
+            del region[node]
 
 
 def _buffer_of(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -1030,7 +1046,7 @@ def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple
         if node is seed or any(u in region for u in node.users):
             return False
         if node.target in _ALIASES:
-            return not isinstance(_val(node.args[0]), (tuple, list))
+            return _outside_view(node, region, seed)
         return all(any(u not in region for u in arg.users) for arg in _occurrences(node) if arg in region)
 
     while sinks := [n for n in region if saves_nothing(n)]:

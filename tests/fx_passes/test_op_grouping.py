@@ -22,6 +22,13 @@ def _compile_zc(f, tmp_path, **options):
     return torch.compile(f, backend="zc", options={"op_grouping": options, "dump": str(tmp_path), "strict": True})
 
 
+def _inductor_and_zc(f, args, tmp_path, **options):
+    """Inductor's output of ``f(*args)``, then zc's (op_grouping ``options``) from a reset Dynamo."""
+    expected = torch.compile(f, backend="inductor")(*args)
+    torch._dynamo.reset()
+    return expected, _compile_zc(f, tmp_path, **options)(*args)
+
+
 def _llama_mlp(hidden=64, intermediate=256):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
@@ -76,9 +83,7 @@ def test_a_view_read_outside_the_chain_is_not_stored_beside_its_base(tmp_path):
         return y, y.reshape(128, 128).sum(0)
 
     with torch.no_grad():
-        expected = torch.compile(block, backend="inductor")(x)
-        torch._dynamo.reset()
-        out = _compile_zc(block, tmp_path, max_slices=4)(x)
+        expected, out = _inductor_and_zc(block, (x,), tmp_path, max_slices=4)
     for got, want in zip(out, expected):
         assert torch.equal(got, want)
     (report,) = _op_grouping_report(tmp_path)
@@ -129,9 +134,7 @@ def test_transformers_bert_layers_exact(tmp_path):
         return model(ids).last_hidden_state
 
     with torch.no_grad():
-        expected = torch.compile(run, backend="inductor")(ids)
-        torch._dynamo.reset()
-        out = _compile_zc(run, tmp_path, max_slices=4)(ids)
+        expected, out = _inductor_and_zc(run, (ids,), tmp_path, max_slices=4)
         eager = run(ids)
     assert torch.equal(out, expected)
     torch.testing.assert_close(out, eager)
@@ -149,9 +152,7 @@ def test_diffusers_vae_decoder_batch_slices(tmp_path):
         return vae.decode(z).sample
 
     with torch.no_grad():
-        expected = torch.compile(decode, backend="inductor")(z)
-        torch._dynamo.reset()
-        out = _compile_zc(decode, tmp_path, max_slices=2)(z)
+        expected, out = _inductor_and_zc(decode, (z,), tmp_path, max_slices=2)
         eager = decode(z)
     # oneDNN may pick another convolution algorithm for a batch of 1 than for 2: equal up to
     # float reassociation, not bit for bit.
@@ -173,9 +174,7 @@ def test_rows_of_a_softmax_are_sliced_but_never_its_reduced_dim(tmp_path):
 
     x = torch.randn(256, 32)
     with torch.no_grad():
-        expected = torch.compile(f, backend="inductor")(x)
-        torch._dynamo.reset()
-        out = _compile_zc(f, tmp_path, max_slices=4)(x)
+        expected, out = _inductor_and_zc(f, (x,), tmp_path, max_slices=4)
     assert torch.equal(out, expected)
     (report,) = _op_grouping_report(tmp_path)
     (chain,) = report["metrics"]["chains"]
@@ -194,9 +193,7 @@ def test_softmax_and_norm_over_the_only_free_dims_block_slicing(tmp_path):
 
     x = torch.randn(128, 32)
     with torch.no_grad():
-        expected = torch.compile(f, backend="inductor")(x)
-        torch._dynamo.reset()
-        out = _compile_zc(f, tmp_path, max_slices=4)(x)
+        expected, out = _inductor_and_zc(f, (x,), tmp_path, max_slices=4)
     for got, want in zip(out, expected):
         assert torch.equal(got, want)
     (report,) = _op_grouping_report(tmp_path)
@@ -357,9 +354,7 @@ def test_exits_read_through_as_strided_keep_the_graphs_strides(tmp_path, monkeyp
     block = _ResnetThenBatchSoftmax().eval()
     x, t = torch.randn(16, 32, 8, 8), torch.randn(16, 16)
     with torch.no_grad():
-        expected = torch.compile(block, backend="inductor")(x, t)
-        torch._dynamo.reset()
-        out = _compile_zc(block, tmp_path, max_slices=4)(x, t)
+        expected, out = _inductor_and_zc(block, (x, t), tmp_path, max_slices=4)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     (report,) = _op_grouping_report(tmp_path)
     cut = [c for c in report["metrics"]["chains"] if "cut at a conflict" in c["kind"]]
@@ -457,9 +452,7 @@ def test_diffusers_vae_decoder_batch_1_row_bands(tmp_path):
         return vae.decode(z).sample
 
     with torch.no_grad():
-        expected = torch.compile(decode, backend="inductor")(z)
-        torch._dynamo.reset()
-        out = _compile_zc(decode, tmp_path, max_slices=4, spatial=True)(z)
+        expected, out = _inductor_and_zc(decode, (z,), tmp_path, max_slices=4, spatial=True)
         eager = decode(z)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, eager)
@@ -500,9 +493,7 @@ def test_diffusers_unet_motion_row_bands_read_exit_buffers_after_their_stores(tm
         return unet(sample, timestep, context, return_dict=False)[0]
 
     with torch.no_grad():
-        expected = torch.compile(denoise, backend="inductor")(*args)
-        torch._dynamo.reset()
-        out = _compile_zc(denoise, tmp_path, max_slices=8, spatial=True)(*args)
+        expected, out = _inductor_and_zc(denoise, args, tmp_path, max_slices=8, spatial=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     (report,) = _op_grouping_report(tmp_path)
     chains = report["metrics"]["chains"]

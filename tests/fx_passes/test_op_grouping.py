@@ -504,3 +504,30 @@ def test_diffusers_unet_motion_row_bands_read_exit_buffers_after_their_stores(tm
     motion = [c for c in chains if any(op.startswith("_scaled_dot_product") for op in c["ops"])
               and sum(op.startswith("addmm") for op in c["ops"]) >= 4]
     assert motion and all(c["slices"] > 1 and c["units"] == 16 for c in motion), motion
+
+
+@pytest.mark.slow
+def test_diffusers_unet_motion_chains_store_no_copies_and_no_skip_concatenations(tmp_path):
+    """The benchmark's video UNet (token chains only): exact, and no chain stores a layout copy
+    of what it already stores (a motion module's input permuted frames-last for its norm) or
+    ends by concatenating its output with a skip connection (the skip's copy would sit in the
+    exit buffer through every slice, beside the skip itself)."""
+    from benchmarks.op_grouping import build
+
+    model, args, _ = build("unet_motion", True)
+    with torch.no_grad():
+        expected, out = _inductor_and_zc(model, args, tmp_path, max_slices=8, spatial=False)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (report,) = _op_grouping_report(tmp_path)
+    chains = report["metrics"]["chains"]
+    assert len(chains) >= 8
+    for chain in chains:
+        exits = chain["exits"]
+        assert len(exits) == 1 or not any(e.startswith("clone") for e in exits), exits
+        assert all(e == chain["seed"] for e in exits if e.startswith("cat")), exits
+    # The temporal transformers at 16x16 are one chain each, attention (cut where the next
+    # block's norm reads the frames whole) joined to the feed-forward grown before it from a
+    # larger seed: 2 attentions, their 2 output projections, 2 feed-forward matmuls, proj_out.
+    motion = [c for c in chains if sum(op.startswith("_scaled_dot_product") for op in c["ops"]) == 2
+              and sum(op.startswith("addmm") for op in c["ops"]) == 5 and c["units"] == 16]
+    assert len(motion) >= 3, [(c["seed"], c["exits"]) for c in chains]

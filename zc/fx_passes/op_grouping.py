@@ -25,7 +25,12 @@ size is kept. A chain must be convex (no path leaves it and comes back) and cons
 slicing per node), else it is dropped with the reason in the report. A chain reaching one
 already grown joins it, over the coarser unit count when one divides the other (a temporal
 transformer: attention over the frames of each pixel, sliced over image rows; feed-forward per
-pixel: one chain over rows), cutting what lies past a path out and back.
+pixel: one chain over rows), cutting what lies past a path out and back. A chain cut at a
+conflict (it reached an op it cannot slice) joins the chains it reads or feeds the same way, or,
+when regrowing meets the conflict again, as they are, with its slicing propagated through them
+(a spatial transformer's feed-forward, grown over pixels, joins its attention over frames). A
+kept chain stores no layout copy of what it stores anyway, ends in no ``cat`` with a skip
+connection, and computes per slice an entry that a copy makes from another entry.
 
 **Rewrite.** The chain's nodes are copied once per slice, reading slices (views) of its entries
 and whole weights; each exit is the ``cat`` of its slices. Slices follow each other in the graph,
@@ -620,6 +625,13 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
         for arg, need in zip(_occurrences(node), needs[node]):
             if arg in region and need != region[arg]:
                 raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
+    return _as_chain(region, needs, seed, units, order)
+
+
+def _as_chain(region: dict[torch.fx.Node, Slicing], needs: dict[torch.fx.Node, list[Any]], seed: torch.fx.Node,
+              units: int, order: dict[torch.fx.Node, int]) -> Chain:
+    """The chain of a consistent ``region`` (each member reads each member under the slicing it
+    has, no path out of it and back): its entries and exits."""
     _drop_outside_views(region, seed)
     nodes = dict(sorted(region.items(), key=lambda item: order[item[0]]))
     entries = {}
@@ -642,8 +654,21 @@ def _outside_view(node: torch.fx.Node, region: dict[torch.fx.Node, Any], seed: t
             and not isinstance(_val(node.args[0]), (tuple, list)))
 
 
+def _outside_copy(node: torch.fx.Node, region: dict[torch.fx.Node, Any], seed: torch.fx.Node) -> bool:
+    """Whether member ``node`` is a layout copy read only outside the chain, of a member the
+    chain stores anyway (read outside too): as an exit it would store the same data twice (a
+    motion module's input, copied frames-last for its norm); left outside, it is made from the
+    stored one by its readers."""
+    if node is seed or node.target is not aten.clone.default or any(u in region for u in node.users):
+        return False
+    base = node.args[0]
+    while base in region and base.target in _ALIASES and len(base.users) == 1:
+        base = base.args[0]
+    return base in region and any(u not in region for u in base.users)
+
+
 def _drop_outside_views(region: dict[torch.fx.Node, Any], seed: torch.fx.Node) -> None:
-    while views := [n for n in region if _outside_view(n, region, seed)]:
+    while views := [n for n in region if _outside_view(n, region, seed) or _outside_copy(n, region, seed)]:
         for node in views:
             del region[node]
 
@@ -790,6 +815,17 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
                 except _Rejected as why:
                     reasons.append(f"{label}: overlaps a chain already grouped and cannot join it ({why})")
                     continue
+            elif chain.needs is not None and (touching := [c for c in chains if _touches(chain, c)]):
+                # A cut chain stops at the chains already grouped (a motion module's attention
+                # at its feed-forward): joined, their boundary is never held full size.
+                try:
+                    chain = _merge(seed, slicing, units, order, touching)
+                except _Rejected:
+                    for other in touching:  # then one by one, as they are
+                        try:
+                            chain = _union(chain, [other], order)
+                        except _Rejected as why:
+                            reasons.append(f"{label}: cannot join {other.seed.name}'s chain ({why})")
             internal, boundary = _chain_gain(chain)
             # A chain cut at a conflict is short (a norm's application and a convolution): it
             # only needs an intermediate of its own, the schedule simulation says if it helps.
@@ -800,7 +836,9 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
                 continue
             # What the chain could save at most: a dim of few units (a batch of 2) saves less.
             score = internal * (1 - 1 / min(chain.units, MAX_SLICES)) - boundary
-            if best is None or score > best[0]:
+            # A chain holding all of another and storing no more wins whatever it reads: what
+            # it reads more (a residual read by its last add) is alive anyway.
+            if best is None or (score > best[0] or _covers(chain, best[1])) and not _covers(best[1], chain):
                 best = (score, chain)
         if best is None:
             report.skipped(seed.name, f"{list(_shape(seed))}: " + "; ".join(reasons or ["no dim to slice"]))
@@ -811,7 +849,92 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
         chains[:] = [c for c in chains if not any(n in chain.nodes for n in c.nodes)]
         chains.append(chain)
         taken.update(chain.nodes)
+    for chain in chains:
+        _drop_trailing_cats(chain)
+        _recompute_entries(graph, chain, order)
     return sorted(chains, key=lambda c: order[next(iter(c.nodes))])
+
+
+def _drop_trailing_cats(chain: Chain) -> None:
+    """A concatenation the chain ends with, of its members and tensors from outside (a UNet's up
+    block joining its skip connection), is left to run after it: as an exit, its buffer would
+    hold the outside tensors' copy through every slice, beside the tensors themselves."""
+    while cats := [n for n in chain.nodes if n is not chain.seed and n.target is aten.cat.default
+                   and not any(u in chain.nodes for u in n.users)
+                   and any(arg not in chain.nodes for arg in _occurrences(n))]:
+        for node in cats:
+            del chain.nodes[node]
+            if chain.needs is not None:
+                del chain.needs[node], chain.rows[node]
+        needs = chain.needs or {node: _input_slicings(node, sliced, chain.units) for node, sliced in chain.nodes.items()}
+        chain.entries = {(arg, need if chain.needs is None else need[0]): None for node in chain.nodes
+                         for arg, need in zip(_occurrences(node), needs[node])
+                         if need is not WHOLE and arg not in chain.nodes}
+        chain.exits = [n for n in chain.nodes if any(u not in chain.nodes for u in n.users)]
+
+
+def _recompute_entries(graph: torch.fx.Graph, chain: Chain, order: dict[torch.fx.Node, int]) -> None:
+    """Each slice computes its part of an entry that a layout copy or a pointwise op makes from
+    other entries (through views), when the entry's other readers all come before the chain: the
+    entry then dies before the chain instead of being held, full size, beside what it was made
+    from (a motion module's input, permuted frames-last and copied for its group norm, beside the
+    input the module's residual add reads). The readers before the chain keep the original."""
+    first = min(order[n] for n in chain.nodes)
+    entries = [arg for arg, _ in chain.entries]
+    for arg, need in list(chain.entries):
+        if (arg.op != "call_function" or entries.count(arg) != 1
+                or not (arg.target is aten.clone.default or _is_pointwise(arg))
+                or any(order[u] > first for u in arg.users if u not in chain.nodes)):
+            continue
+        plan: dict[torch.fx.Node, Slicing] = {}
+        if not _recomputable(arg, need, chain, plan, _bytes(arg)):
+            continue
+        copies: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in sorted(plan, key=order.__getitem__):
+            with graph.inserting_after(node):
+                copies[node] = graph.node_copy(node, lambda a: copies.get(a, a))
+            order[copies[node]] = order[node]
+        for member in chain.nodes:
+            member.replace_input_with(arg, copies[arg])
+        for node, sliced in plan.items():
+            chain.nodes[copies[node]] = sliced
+            if chain.needs is not None:
+                needed = _input_slicings(node, sliced, chain.units)
+                chain.needs[copies[node]] = [n if n is WHOLE else (n, chain.units) for n in needed]
+                chain.rows[copies[node]] = chain.units
+        del chain.entries[(arg, need)]
+    chain.nodes = dict(sorted(chain.nodes.items(), key=lambda item: order[item[0]]))
+
+
+def _recomputable(node: torch.fx.Node, need: Slicing, chain: Chain, plan: dict[torch.fx.Node, Slicing],
+                  size: int, depth: int = 4) -> bool:
+    """Whether ``node``'s slice can be made from the chain's entries (``plan``: the ops to copy)."""
+    if depth == 0 or node.op != "call_function" or not (
+            node.target in _ALIASES or node.target is aten.clone.default or _is_pointwise(node)):
+        return False
+    needed = _input_slicings(node, need, chain.units)
+    if needed is None:
+        return False
+    plan[node] = need
+    for arg, arg_need in zip(_occurrences(node), needed):
+        if arg_need is WHOLE:
+            if arg.op == "call_function" and _bytes(arg) * 8 > size:
+                return False  # a large tensor read whole would be held through the chain
+        elif (arg, arg_need) not in chain.entries and not _recomputable(arg, arg_need, chain, plan, size, depth - 1):
+            return False
+    return True
+
+
+def _covers(chain: Chain, other: Chain) -> bool:
+    """Whether ``chain`` holds every node of ``other`` and more, and stores no more bytes of exits."""
+    return (other.nodes.keys() < chain.nodes.keys()
+            and sum(_bytes(n) for n in chain.exits) <= sum(_bytes(n) for n in other.exits))
+
+
+def _touches(chain: Chain, other: Chain) -> bool:
+    """Whether ``other`` reads an exit of ``chain`` or writes one of its entries."""
+    return (any(u in other.nodes for n in chain.exits for u in n.users)
+            or any(arg in other.nodes for arg, _ in chain.entries))
 
 
 def _coarsen(sliced: Slicing, factor: int) -> Slicing:
@@ -828,15 +951,55 @@ def _merge(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.
     feed-forward over pixels, a multiple of the rows), so that the whole module is one chain
     instead of three that leave their boundaries full size.
     """
-    counts = [units] + [c.units for c in overlapping]
-    target = min(counts)
-    # Not down to a handful of units: a chain of 256 pixels is worth more than 2 heads' worth.
-    if any(u % target for u in counts) or (target < DEFAULT_SLICES and max(counts) != target):
-        raise _Rejected(f"it slices other units ({sorted(set(counts))})")
+    target = _common_units([units] + [c.units for c in overlapping])
     joined = {node: _coarsen(sliced, c.units // target) for c in overlapping for node, sliced in c.nodes.items()}
     merged = _grow(seed, _coarsen(slicing, units // target), target, order, joined)
     merged.seed = max(overlapping, key=lambda c: _bytes(c.seed)).seed
     return merged
+
+
+def _common_units(counts: list[int]) -> int:
+    """The unit count chains over ``counts`` units of the same positions merge over."""
+    target = min(counts)
+    # Not down to a handful of units: a chain of 256 pixels is worth more than 2 heads' worth.
+    if any(u % target for u in counts) or (target < DEFAULT_SLICES and max(counts) != target):
+        raise _Rejected(f"it slices other units ({sorted(set(counts))})")
+    return target
+
+
+def _union(base: Chain, others: list[Chain], order: dict[torch.fx.Node, int]) -> Chain:
+    """One chain of exactly the nodes of ``base`` and of the (disjoint) chains ``others``, sliced
+    as ``base`` is: the others' members take the slicing ``base``'s propagates to them (a
+    feed-forward sliced over the pixels of each frame joins an attention sliced over frames, as
+    frames). For a cut chain whose regrowth into its neighbours meets its conflict again."""
+    units = base.units
+    region = dict(base.nodes)
+    needs = {node: _input_slicings(node, sliced, units) for node, sliced in region.items()}
+    pending = sorted((n for c in others for n in c.nodes), key=order.__getitem__)
+    while pending or (pending := sorted(n for n in _between(region, order) if n.target in _ALIASES)):
+        # (the views between the chains join too: a reshape of one's exit the other reads)
+        left = []
+        for node in pending:
+            sliced = next((_output_slicing(node, index, region[arg], units)
+                           for index, arg in enumerate(_occurrences(node)) if arg in region), None)
+            if sliced is None:  # a member reading only entries: as its reader in the region needs it
+                sliced = next((need for user in node.users if user in region
+                               for arg, need in zip(_occurrences(user), needs[user]) if arg is node), None)
+            needed = None if sliced is None or sliced is WHOLE else _input_slicings(node, sliced, units)
+            if needed is None:
+                left.append(node)
+                continue
+            region[node], needs[node] = sliced, needed
+        if len(left) == len(pending):
+            raise _Rejected(f"{left[0].name} cannot take the slicing of {base.seed.name}")
+        pending = left
+    for node, sliced in region.items():
+        for arg, need in zip(_occurrences(node), needs[node]):
+            if arg in region and need != region[arg]:
+                raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
+    if between := _between(region, order):
+        raise _Rejected(f"{min(between, key=order.__getitem__).name} is on a path out of them and back")
+    return _as_chain(region, needs, max([base] + others, key=lambda c: _bytes(c.seed)).seed, units, order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1013,6 +1176,21 @@ def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple
         for node in descendants if seed in ancestors else ancestors:
             region.pop(node, None)
 
+    def join(between: set[torch.fx.Node]) -> bool:
+        """Along an independent dim, the small ops on a path out of the chain and back join it
+        slice-wise where they can (a per-frame norm's statistics scaled by its weight, read back
+        by the normalisation), as :func:`_grow` joins them; whether any did."""
+        joined = False
+        for node in sorted(between, key=order.__getitem__, reverse=True):
+            user = next((u for u in node.users if u in region), None)
+            if user is None or node in region:
+                continue
+            need = needs[user][_occurrences(user).index(node)]
+            if need is not WHOLE and add(node, need):
+                joined = True
+        drain()
+        return joined
+
     while True:
         # A projection whose tuple a cut left outside goes too (a tuple is never sliced).
         orphan = next((n for n in region if n.target is operator.getitem and n.args[0] not in region), None)
@@ -1036,6 +1214,8 @@ def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple
         between = _between(region, order)
         if not between:
             break
+        if not halo and join(between):
+            continue
         cut(min(between, key=order.__getitem__))
         _keep_connected(region, seed)
 

@@ -619,30 +619,36 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
                 dropped.update(gone)
                 break
         drain()
-
-    # A user reached twice must read every region input under the slicing its producer has.
-    for node in region:
-        for arg, need in zip(_occurrences(node), needs[node]):
-            if arg in region and need != region[arg]:
-                raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
     return _as_chain(region, needs, seed, units, order)
 
 
 def _as_chain(region: dict[torch.fx.Node, Slicing], needs: dict[torch.fx.Node, list[Any]], seed: torch.fx.Node,
               units: int, order: dict[torch.fx.Node, int]) -> Chain:
-    """The chain of a consistent ``region`` (each member reads each member under the slicing it
-    has, no path out of it and back): its entries and exits."""
+    """The chain of ``region`` (no path out of it and back), which must be consistent: a member
+    reached twice reads every member under the slicing that member has."""
+    for node in region:
+        for arg, need in zip(_occurrences(node), needs[node]):
+            if arg in region and need != region[arg]:
+                raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
     _drop_outside_views(region, seed)
     nodes = dict(sorted(region.items(), key=lambda item: order[item[0]]))
+    entries, exits = _boundary(nodes, needs)
+    return Chain(nodes, units, seed, entries, exits)
+
+
+def _boundary(nodes: dict[torch.fx.Node, Any], needs: dict[torch.fx.Node, list[Any]]
+              ) -> tuple[dict[tuple[torch.fx.Node, Slicing], None], list[torch.fx.Node]]:
+    """A chain's entries (each tensor from outside with the slicing its members read it under;
+    a need is a slicing, or a cut chain's ``(slicing, rows)``) and exits (members read outside)."""
     entries = {}
     for node in nodes:
         for arg, need in zip(_occurrences(node), needs[node]):
-            if need is not WHOLE and arg not in region:
-                entries[(arg, need)] = None
-    exits = [n for n in nodes if any(u not in region for u in n.users)]
+            if need is not WHOLE and arg not in nodes:
+                entries[(arg, need if isinstance(need, Slicing) else need[0])] = None
+    exits = [n for n in nodes if any(u not in nodes for u in n.users)]
     if any(isinstance(_val(n), (tuple, list)) for n in exits):
         raise _Rejected("a multi-output op of the chain is read outside it")
-    return Chain(nodes, units, seed, entries, exits)
+    return entries, exits
 
 
 def _outside_view(node: torch.fx.Node, region: dict[torch.fx.Node, Any], seed: torch.fx.Node) -> bool:
@@ -867,10 +873,7 @@ def _drop_trailing_cats(chain: Chain) -> None:
             if chain.needs is not None:
                 del chain.needs[node], chain.rows[node]
         needs = chain.needs or {node: _input_slicings(node, sliced, chain.units) for node, sliced in chain.nodes.items()}
-        chain.entries = {(arg, need if chain.needs is None else need[0]): None for node in chain.nodes
-                         for arg, need in zip(_occurrences(node), needs[node])
-                         if need is not WHOLE and arg not in chain.nodes}
-        chain.exits = [n for n in chain.nodes if any(u not in chain.nodes for u in n.users)]
+        chain.entries, chain.exits = _boundary(chain.nodes, needs)
 
 
 def _recompute_entries(graph: torch.fx.Graph, chain: Chain, order: dict[torch.fx.Node, int]) -> None:
@@ -993,10 +996,6 @@ def _union(base: Chain, others: list[Chain], order: dict[torch.fx.Node, int]) ->
         if len(left) == len(pending):
             raise _Rejected(f"{left[0].name} cannot take the slicing of {base.seed.name}")
         pending = left
-    for node, sliced in region.items():
-        for arg, need in zip(_occurrences(node), needs[node]):
-            if arg in region and need != region[arg]:
-                raise _Rejected(f"{arg.name} feeds {node.name} under two slicings")
     if between := _between(region, order):
         raise _Rejected(f"{min(between, key=order.__getitem__).name} is on a path out of them and back")
     return _as_chain(region, needs, max([base] + others, key=lambda c: _bytes(c.seed)).seed, units, order)
@@ -1234,17 +1233,10 @@ def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple
             del region[node]
         _keep_connected(region, seed)
     nodes = dict(sorted(region.items(), key=lambda item: order[item[0]]))
-    exits = [n for n in nodes if any(u not in nodes for u in n.users)]
-    if any(isinstance(_val(n), (tuple, list)) for n in exits):
-        raise _Rejected("a multi-output op of the chain is read outside it")
+    entries, exits = _boundary(nodes, needs)
     exit_rows = {nodes[n][1] for n in exits}
     if len(exit_rows) != 1:
         raise _Rejected(f"its exits have different row counts {sorted(exit_rows)}")
-    entries = {}
-    for node in nodes:
-        for arg, need in zip(_occurrences(node), needs[node]):
-            if need is not WHOLE and arg not in nodes:
-                entries[(arg, need[0])] = None
     return Chain({n: sliced for n, (sliced, _) in nodes.items()}, exit_rows.pop(), seed, entries, exits,
                  rows={n: rows for n, (_, rows) in nodes.items()}, needs={n: needs[n] for n in nodes}, halo=halo)
 

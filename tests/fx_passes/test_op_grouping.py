@@ -502,9 +502,11 @@ def test_diffusers_unet_motion_row_bands_read_exit_buffers_after_their_stores(tm
     # of each pixel, its feed-forward per pixel), not an attention chain over rows and a
     # feed-forward chain over pixels that leave the boundary between them whole.
     # (Chains over the 8 frames, a resnet with its spatial transformer, are not temporal ones.)
+    # At 16x16 the chain is over the 16 rows; at 8x8, where the peak search seeds it, over the
+    # 64 pixels: either way attention and feed-forward in one chain.
     motion = [c for c in chains if any(op.startswith("_scaled_dot_product") for op in c["ops"])
               and sum(op.startswith("addmm") for op in c["ops"]) >= 4 and c["units"] != 8]
-    assert motion and all(c["slices"] > 1 and c["units"] == 16 for c in motion), motion
+    assert motion and all(c["slices"] > 1 and c["units"] in (16, 64) for c in motion), motion
 
 
 @pytest.mark.slow

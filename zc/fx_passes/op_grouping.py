@@ -32,6 +32,13 @@ when regrowing meets the conflict again, as they are, with its slicing propagate
 kept chain stores no layout copy of what it stores anyway, ends in no ``cat`` with a skip
 connection, and computes per slice an entry that a copy makes from another entry.
 
+**Peak search.** Once the largest activations are grouped, the estimated peak can lie in smaller
+ones held beside long-lived tensors (a video UNet's lowest resolution, beside its skip
+connections). The ops alive there seed more chains (:func:`_cover_estimated_peak`), each kept
+only if the estimate says so. Last, a member that is a sum of entries dying with it is left
+outside its chain and stored before it (:func:`_peel_entry_sums`): one buffer held through the
+slices instead of every summand.
+
 **Rewrite.** The chain's nodes are copied once per slice, reading slices (views) of its entries
 and whole weights; each exit is the ``cat`` of its slices. Slices follow each other in the graph,
 so Inductor's scheduler runs them in order and its buffer reuse gives each slice the memory the
@@ -59,6 +66,7 @@ peak found and warns with that figure.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 import logging
 import math
@@ -89,6 +97,11 @@ LARGE_FRACTION = 0.5
 # A chain is worth slicing when its internal peak is larger than what it leaves full size
 # (entries it reads + exits it writes) times this.
 MIN_GAIN = 1.0
+# Rounds of seeding at the estimated peak once the large activations are grouped, and the
+# activations alive there tried as seeds per round.
+PEAK_ROUNDS = 8
+PEAK_SEEDS = 6
+PEAK_SUFFIXES = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +121,8 @@ _SLICED_EXIT = "zc_op_grouping_sliced_exit"
 MIN_SLICE_ROWS = 4
 # Node meta of the ops a rewrite emits for one slice: ``(chain serial, slice index)``.
 _SLICE_TAG = "zc_op_grouping_slice"
+# A sum of entries left outside a chain to be stored (see _peel_entry_sums).
+_STORED_SUM = "zc_op_grouping_stored_sum"
 _CHAIN_SERIALS = itertools.count()
 
 
@@ -447,7 +462,7 @@ def _materialized(node: torch.fx.Node) -> bool:
     consumer are fused into it, views alias their input)."""
     if node.op != "call_function" or node.target in _ALIASES:
         return False
-    if _is_pointwise(node) and len(node.users) == 1:
+    if _is_pointwise(node) and len(node.users) == 1 and not node.meta.get(_STORED_SUM):
         (user,) = node.users
         return not (_is_pointwise(user) or user.target in _REDUCTIONS)
     return True
@@ -463,9 +478,9 @@ class _Item:
     alias_of: Any = None
 
 
-def _simulate_peak(items: list[_Item]) -> tuple[int, int]:
-    """Peak bytes of buffers alive over the schedule (a buffer dies after its last reader, views
-    keep their base alive) and the index where it is reached."""
+def _lifetimes(items: list[_Item]) -> list[tuple[int, int, int]]:
+    """(item index, index of its last reader, bytes) of each buffer of the schedule (a buffer
+    dies after its last reader, views keep their base alive)."""
     base = {}
     for item in items:
         base[item.key] = base.get(item.alias_of, item.alias_of) if item.alias_of is not None else item.key
@@ -473,16 +488,28 @@ def _simulate_peak(items: list[_Item]) -> tuple[int, int]:
     for index, item in enumerate(items):
         for read in item.reads:
             last_read[base.get(read, read)] = index
+    return [(index, last_read.get(item.key, index), item.nbytes) for index, item in enumerate(items)
+            if item.alias_of is None and item.nbytes]
+
+
+def _simulate_peak(items: list[_Item]) -> tuple[int, int]:
+    """Peak bytes of buffers alive over the schedule and the index where it is reached."""
     live, peak, peak_at = 0, 0, 0
-    dying: dict[int, list[int]] = {}
-    for index, item in enumerate(items):
-        if item.alias_of is None and item.nbytes:
-            live += item.nbytes
-            dying.setdefault(last_read.get(item.key, index), []).append(item.nbytes)
+    dying: list[tuple[int, int]] = []  # heap of (last reader's index, bytes)
+    for index, dies, nbytes in _lifetimes(items):
+        while dying and dying[0][0] < index:
+            live -= heapq.heappop(dying)[1]
+        live += nbytes
+        heapq.heappush(dying, (dies, nbytes))
         if live > peak:
             peak, peak_at = live, index
-        live -= sum(dying.pop(index, []))
     return peak, peak_at
+
+
+def _live_at(items: list[_Item], at: int) -> list[Any]:
+    """Keys of the buffers alive at schedule index ``at``, largest first."""
+    alive = [(nbytes, index) for index, dies, nbytes in _lifetimes(items) if index <= at <= dies]
+    return [items[index].key for _, index in sorted(alive, key=lambda a: (-a[0], a[1]))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,10 +622,10 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
     # broadcast back onto the tensor they came from) join it, slice-wise, or the chain is dropped.
     while between := _between(region, order):
         for node in sorted(between, key=order.__getitem__, reverse=True):
-            user = next(u for u in node.users if u in region)
-            need = needs[user][_occurrences(user).index(node)]
+            need = _reader_need(node, region, needs)
             try:
                 if need is WHOLE:
+                    user = next(u for u in node.users if u in region)
                     raise _Rejected(f"{node.name} reads the chain but {user.name} needs it whole")
                 add(node, need)
             except _Rejected as why:
@@ -620,6 +647,12 @@ def _grow(seed: torch.fx.Node, slicing: Slicing, units: int, order: dict[torch.f
                 break
         drain()
     return _as_chain(region, needs, seed, units, order)
+
+
+def _reader_need(node: torch.fx.Node, region: dict[torch.fx.Node, Any], needs: dict[torch.fx.Node, list[Any]]) -> Any:
+    """What the first member of ``region`` that reads ``node`` needs of it (None if none does)."""
+    return next((need for user in node.users if user in region
+                 for arg, need in zip(_occurrences(user), needs[user]) if arg is node), None)
 
 
 def _as_chain(region: dict[torch.fx.Node, Slicing], needs: dict[torch.fx.Node, list[Any]], seed: torch.fx.Node,
@@ -784,11 +817,7 @@ def _seed_slicings(seed: torch.fx.Node) -> list[tuple[Slicing, int, str]]:
 
 def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
     order = {node: index for index, node in enumerate(graph.nodes)}
-    candidates = [
-        n for n in graph.nodes
-        if n.op == "call_function" and _materialized(n) and _shape(n) and _bytes(n) > 0
-        and not isinstance(_val(n), (tuple, list))
-    ]
+    candidates = [n for n in graph.nodes if _seedable(n)]
     candidates.sort(key=lambda n: (-_bytes(n), order[n]))
     taken: set[torch.fx.Node] = set()
     chains: list[Chain] = []
@@ -799,66 +828,269 @@ def find_chains(graph: torch.fx.Graph, report: PassReport) -> list[Chain]:
             break
         if seed in taken:
             continue
-        best, reasons = None, []
-        for slicing, units, label in _seed_slicings(seed):
+        _take(_chain_from(seed, chains, order, taken, report), chains, taken)
+    for chain in chains:
+        _finish(graph, chain, order)
+    _cover_estimated_peak(graph, chains, taken)
+    _peel_entry_sums(graph, chains)
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    return sorted(chains, key=lambda c: order[next(iter(c.nodes))])
+
+
+def _finish(graph: torch.fx.Graph, chain: Chain, order: dict[torch.fx.Node, int]) -> None:
+    """Trims a chain found: no trailing concatenation, copies of entries made per slice."""
+    _drop_trailing_cats(chain)
+    _recompute_entries(graph, chain, order)
+
+
+def _seedable(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and _materialized(node) and bool(_shape(node)) and _bytes(node) > 0
+            and not isinstance(_val(node), (tuple, list)))
+
+
+def _take(chain: Chain | None, chains: list[Chain], taken: set[torch.fx.Node]) -> None:
+    """Add ``chain`` in place of the chains it holds nodes of (a merge)."""
+    if chain is None:
+        return
+    chains[:] = [c for c in chains if not any(n in chain.nodes for n in c.nodes)]
+    chains.append(chain)
+    taken.update(chain.nodes)
+
+
+def _cover_estimated_peak(graph: torch.fx.Graph, chains: list[Chain], taken: set[torch.fx.Node]) -> None:
+    """Seed more chains where the estimated peak lies outside every chain.
+
+    Once the largest activations are grouped, the peak can move to a block of activations below
+    the seed cutoff (a video UNet's attention at its lowest resolution, whose tensors are an
+    eighth of the full-resolution ones), held beside the long-lived ones (skip connections).
+    The ops alive there are tried as seeds. Grown from a small seed, a chain reaches far back
+    (everything at that resolution is as large as the seed), storing what it passes whole, or
+    stops at a chain grouped over another dim: each is also tried in the forms
+    :func:`_variants` lists. The one with the lowest estimated peak (every chain cut
+    ``DEFAULT_SLICES`` times), then the fewest bytes alive where the peak was, is kept, if the
+    peak is no higher and less is alive there. Near-equal peaks (the same block repeated at one
+    resolution) are cut so, one by one; if the peak is no lower at the end, the chains of this
+    search are dropped. Seeding everything that small instead would slice many chains off the
+    peak, each slice a few more kernel calls.
+    """
+    def estimate(candidate: list[Chain]) -> tuple[int, int, list[_Item]]:
+        for chain in candidate:
+            chain.slices = min(DEFAULT_SLICES, chain.most_slices())
+        try:
+            return _estimate(graph, candidate)
+        finally:
+            for chain in candidate:
+                chain.slices = 1
+
+    def held_at(items: list[_Item], key: Any) -> int:
+        """The most bytes alive at ``key``'s op (or at any of its slices)."""
+        change = [0] * (len(items) + 1)
+        for index, dies, nbytes in _lifetimes(items):
+            change[index] += nbytes
+            change[dies + 1] -= nbytes
+        live, most = 0, 0
+        for index, item in enumerate(items):
+            live += change[index]
+            if item.key is key or isinstance(item.key, tuple) and item.key[0] is key:
+                most = max(most, live)
+        return most
+
+    start_chains, start_taken = list(chains), set(taken)
+    peak, at, items = estimate(chains)
+    first_peak = peak
+    added: list[Chain] = []
+    tried: set[torch.fx.Node] = set()
+    for _ in range(PEAK_ROUNDS):
+        key = items[at].key
+        if (key[0] if isinstance(key, tuple) else key) in taken:
+            break  # the peak is in a slice: choose_slices' business
+        at_peak = held_at(items, key)
+        order = {node: index for index, node in enumerate(graph.nodes)}
+        seeds = []
+        for live in [key] + _live_at(items, at):
+            for node in (live.users if isinstance(_val(live), (tuple, list)) else [live]):
+                if isinstance(node, torch.fx.Node) and _seedable(node) and node not in taken and node not in tried:
+                    seeds.append(node)
+        best, seen = None, set()
+        for seed in sorted(dict.fromkeys(seeds), key=lambda n: (-_bytes(n), order[n]))[:PEAK_SEEDS]:
+            tried.add(seed)
+            for _, grown in _candidates(seed, chains, order, taken, [], stop_at_taken=True):
+                if frozenset(grown.nodes) in seen:
+                    continue  # (the seeds of one block grow the same chain)
+                seen.add(frozenset(grown.nodes))
+                for new, dropped in _variants(grown, chains, order):
+                    candidate = [c for c in chains if c not in dropped]
+                    for chain in new:
+                        _drop_trailing_cats(chain)
+                        _take(chain, candidate, set())
+                    result = estimate(candidate)
+                    rank = (result[0], held_at(result[2], key))
+                    if rank[0] <= peak and rank[1] < at_peak and (best is None or rank < best[0]):
+                        best = (rank, result, new, dropped)
+        if best is None:
+            break
+        _, (peak, at, items), new, dropped = best
+        chains[:] = [c for c in chains if c not in dropped]
+        for chain in new:
+            _take(chain, chains, taken)
+        added += new
+    if peak >= first_peak:
+        chains[:] = start_chains
+        taken.clear()
+        taken.update(start_taken)
+        return
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for chain in added:
+        if chain in chains:
+            _recompute_entries(graph, chain, order)
+
+
+def _cut_points(chain: Chain) -> list[int]:
+    """Where ``chain`` may be cut in two (indices of its members, in graph order): at most
+    ``PEAK_SUFFIXES`` members that own a buffer, spread evenly."""
+    starts = [i for i, n in enumerate(chain.nodes) if i and _materialized(n)]
+    return starts[::max(1, math.ceil(len(starts) / PEAK_SUFFIXES))]
+
+
+def _sub_chain(chain: Chain, kept: list[torch.fx.Node], order: dict[torch.fx.Node, int]) -> Chain | None:
+    """The chain of ``kept``, a prefix or a suffix of ``chain``'s members in graph order (so no
+    path leaves it and comes back), sliced as in ``chain``; None if it splits a tuple from its
+    projections or its exits differ in row count."""
+    kept_set = set(kept)
+    if any(n.target is operator.getitem and n.args[0] in chain.nodes and (n.args[0] in kept_set) != (n in kept_set)
+           for n in chain.nodes):
+        return None
+    seed = chain.seed if chain.seed in kept_set else max(kept, key=lambda n: (_bytes(n), -order[n]))
+    nodes = {n: chain.nodes[n] for n in kept}
+    try:
+        if chain.needs is None:
+            needs = {n: _input_slicings(n, sliced, chain.units) for n, sliced in nodes.items()}
+            return _as_chain(nodes, needs, seed, chain.units, order)
+        needs = {n: chain.needs[n] for n in kept}
+        entries, exits = _boundary(nodes, needs)
+    except _Rejected:
+        return None
+    if len({chain.rows[n] for n in exits}) != 1:
+        return None
+    return Chain(nodes, chain.rows[exits[0]], seed, entries, exits,
+                 rows={n: chain.rows[n] for n in kept}, needs=needs, halo=chain.halo)
+
+
+def _variants(chain: Chain, chains: list[Chain], order: dict[torch.fx.Node, int]
+              ) -> list[tuple[list[Chain], list[Chain]]]:
+    """Ways to add ``chain`` to ``chains``, as (chains to add, chains to drop): as it is; its
+    suffixes (holding all or none of each chain); and, for a cut chain that feeds another
+    chain, joined with a head of that one (the rest left as its own chain): the feed-forward
+    and residual add of a motion module, grouped over frames with the resnet after it, joining
+    the attention sliced over pixels."""
+    found: list[tuple[list[Chain], list[Chain]]] = [([chain], [])]
+    members = list(chain.nodes)
+    for i in _cut_points(chain):
+        kept = members[i:]
+        if any(0 < sum(n in kept for n in c.nodes) < len(c.nodes) for c in chains):
+            continue
+        if (suffix := _sub_chain(chain, kept, order)) is not None:
+            found.append(([suffix], []))
+    if chain.needs is None:
+        return found
+    for other in chains:
+        if not any(u in other.nodes for n in chain.exits for u in n.users):
+            continue
+        heads = list(other.nodes)
+        for i in _cut_points(other):
+            head, rest = _sub_chain(other, heads[:i], order), _sub_chain(other, heads[i:], order)
+            if head is None or rest is None:
+                continue
             try:
-                chain = _grow(seed, slicing, units, order)
+                joined = _union(chain, [head], order)
+            except _Rejected:
+                continue
+            found.append(([joined, rest], [other]))
+    return found
+
+
+def _chain_from(seed: torch.fx.Node, chains: list[Chain], order: dict[torch.fx.Node, int],
+                taken: set[torch.fx.Node], report: PassReport) -> Chain | None:
+    """The best chain grown from ``seed`` (joined with the chains it overlaps or touches), or
+    None with the reasons reported."""
+    best, reasons = None, []
+    for score, chain in _candidates(seed, chains, order, taken, reasons):
+        # A chain holding all of another and storing no more wins whatever it reads: what
+        # it reads more (a residual read by its last add) is alive anyway.
+        if best is None or (score > best[0] or _covers(chain, best[1])) and not _covers(best[1], chain):
+            best = (score, chain)
+    if best is None:
+        report.skipped(seed.name, f"{list(_shape(seed))}: " + "; ".join(reasons or ["no dim to slice"]))
+        return None
+    if reasons:
+        report.skipped(seed.name, f"{list(_shape(seed))}: dims not taken whole: " + "; ".join(reasons))
+    return best[1]
+
+
+def _candidates(seed: torch.fx.Node, chains: list[Chain], order: dict[torch.fx.Node, int],
+                taken: set[torch.fx.Node], reasons: list[str], stop_at_taken: bool = False
+                ) -> list[tuple[float, Chain]]:
+    """The worthwhile chains grown from ``seed``, one per way to slice it (joined with the
+    chains it overlaps or touches), each with its score; why the others are not, in ``reasons``.
+
+    A chain that overlaps chains it cannot join is dropped, or with ``stop_at_taken`` cut where
+    it meets them (a motion module's attention over pixels, at its feed-forward grouped over
+    frames with the resnet after it): in the search at the estimated peak, which keeps it only
+    if the estimate says so."""
+    found = []
+    for slicing, units, label in _seed_slicings(seed):
+        try:
+            chain = _grow(seed, slicing, units, order)
+        except _Rejected as why:
+            # Cut the chain at the conflict (the temporal attention of a video UNet reads
+            # the frames its spatial layers treat as batch) instead of dropping it.
+            try:
+                chain = _grow_cut(seed, order, (slicing, units), taken)
+            except _Rejected as cut_why:
+                reasons.append(f"{label}: {why}; cut at the conflict: {cut_why}")
+                continue
+            reasons.append(f"{label}: {why}; cut there ({len(chain.nodes)} ops left)")
+        overlapping = [c for c in chains if any(n in c.nodes for n in chain.nodes)]
+        if overlapping:
+            # The same slicing reaching a chain grown from a larger seed (the lower-resolution
+            # blocks of a decoder, batch-sliced like its last block): one chain for both.
+            try:
+                chain = _merge(seed, slicing, units, order, overlapping)
             except _Rejected as why:
-                # Cut the chain at the conflict (the temporal attention of a video UNet reads
-                # the frames its spatial layers treat as batch) instead of dropping it.
+                if not stop_at_taken:
+                    reasons.append(f"{label}: overlaps a chain already grouped and cannot join it ({why})")
+                    continue
                 try:
                     chain = _grow_cut(seed, order, (slicing, units), taken)
                 except _Rejected as cut_why:
-                    reasons.append(f"{label}: {why}; cut at the conflict: {cut_why}")
+                    reasons.append(f"{label}: overlaps a chain already grouped and cannot join it "
+                                   f"({why}) or stop at it ({cut_why})")
                     continue
-                reasons.append(f"{label}: {why}; cut there ({len(chain.nodes)} ops left)")
-            overlapping = [c for c in chains if any(n in c.nodes for n in chain.nodes)]
-            if overlapping:
-                # The same slicing reaching a chain grown from a larger seed (the lower-resolution
-                # blocks of a decoder, batch-sliced like its last block): one chain for both.
-                try:
-                    chain = _merge(seed, slicing, units, order, overlapping)
-                except _Rejected as why:
-                    reasons.append(f"{label}: overlaps a chain already grouped and cannot join it ({why})")
-                    continue
-            elif chain.needs is not None and (touching := [c for c in chains if _touches(chain, c)]):
-                # A cut chain stops at the chains already grouped (a motion module's attention
-                # at its feed-forward): joined, their boundary is never held full size.
-                try:
-                    chain = _merge(seed, slicing, units, order, touching)
-                except _Rejected:
-                    for other in touching:  # then one by one, as they are
-                        try:
-                            chain = _union(chain, [other], order)
-                        except _Rejected as why:
-                            reasons.append(f"{label}: cannot join {other.seed.name}'s chain ({why})")
-            internal, boundary = _chain_gain(chain)
-            # A chain cut at a conflict is short (a norm's application and a convolution): it
-            # only needs an intermediate of its own, the schedule simulation says if it helps.
-            least = sum(_bytes(n) for n in chain.exits) if chain.needs is not None else boundary * MIN_GAIN
-            if internal <= least:
-                reasons.append(f"{label}: its intermediates ({internal} B) are not larger than what "
-                               f"it reads and writes whole ({boundary} B)")
-                continue
-            # What the chain could save at most: a dim of few units (a batch of 2) saves less.
-            score = internal * (1 - 1 / min(chain.units, MAX_SLICES)) - boundary
-            # A chain holding all of another and storing no more wins whatever it reads: what
-            # it reads more (a residual read by its last add) is alive anyway.
-            if best is None or (score > best[0] or _covers(chain, best[1])) and not _covers(best[1], chain):
-                best = (score, chain)
-        if best is None:
-            report.skipped(seed.name, f"{list(_shape(seed))}: " + "; ".join(reasons or ["no dim to slice"]))
+                reasons.append(f"{label}: overlaps a chain already grouped and cannot join it ({why}); "
+                               f"stopped there ({len(chain.nodes)} ops left)")
+        if ((stop_at_taken or not overlapping) and chain.needs is not None
+                and (touching := [c for c in chains if _touches(chain, c)])):
+            # A cut chain stops at the chains already grouped (a motion module's attention
+            # at its feed-forward): joined, their boundary is never held full size.
+            try:
+                chain = _merge(seed, slicing, units, order, touching)
+            except _Rejected:
+                for other in touching:  # then one by one, as they are
+                    try:
+                        chain = _union(chain, [other], order)
+                    except _Rejected as why:
+                        reasons.append(f"{label}: cannot join {other.seed.name}'s chain ({why})")
+        internal, boundary = _chain_gain(chain)
+        # A chain cut at a conflict is short (a norm's application and a convolution): it
+        # only needs an intermediate of its own, the schedule simulation says if it helps.
+        least = sum(_bytes(n) for n in chain.exits) if chain.needs is not None else boundary * MIN_GAIN
+        if internal <= least:
+            reasons.append(f"{label}: its intermediates ({internal} B) are not larger than what "
+                           f"it reads and writes whole ({boundary} B)")
             continue
-        chain = best[1]
-        if reasons:
-            report.skipped(seed.name, f"{list(_shape(seed))}: dims not taken whole: " + "; ".join(reasons))
-        chains[:] = [c for c in chains if not any(n in chain.nodes for n in c.nodes)]
-        chains.append(chain)
-        taken.update(chain.nodes)
-    for chain in chains:
-        _drop_trailing_cats(chain)
-        _recompute_entries(graph, chain, order)
-    return sorted(chains, key=lambda c: order[next(iter(c.nodes))])
+        # What the chain could save at most: a dim of few units (a batch of 2) saves less.
+        found.append((internal * (1 - 1 / min(chain.units, MAX_SLICES)) - boundary, chain))
+    return found
 
 
 def _drop_trailing_cats(chain: Chain) -> None:
@@ -907,6 +1139,89 @@ def _recompute_entries(graph: torch.fx.Graph, chain: Chain, order: dict[torch.fx
                 chain.rows[copies[node]] = chain.units
         del chain.entries[(arg, need)]
     chain.nodes = dict(sorted(chain.nodes.items(), key=lambda item: order[item[0]]))
+
+
+def _peel_entry_sums(graph: torch.fx.Graph, chains: list[Chain]) -> None:
+    """Leaves outside its chain each member that is a pointwise sum of two or more large
+    tensors (entries, or made from entries by a few ops of the chain) that nothing else in or
+    after the chain reads, where the estimated peak (every chain cut ``DEFAULT_SLICES`` times)
+    is no higher for it: stored before the chain (:func:`_store_summed_entries`), the sum is
+    held alone through the slices, where computed per slice it holds every summand to the last
+    one (a motion module's ``permute(proj_out(h)) + residual``, read by the resnet after it: two
+    buffers held instead of one). The opposite of :func:`_recompute_entries`, which computes per
+    slice an entry made from entries the chain holds anyway."""
+    def estimate() -> int:
+        for chain in chains:
+            chain.slices = min(DEFAULT_SLICES, chain.most_slices())
+        try:
+            return _estimate(graph, chains)[0]
+        finally:
+            for chain in chains:
+                chain.slices = 1
+
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    peak = None
+    for chain in chains:
+        first = min(order[n] for n in chain.nodes)
+        for node in list(chain.nodes):
+            if node not in chain.nodes or node in chain.exits or node.target in _ALIASES or not _is_pointwise(node):
+                continue
+            inner = _entry_made(node, chain)
+            if inner is None:
+                continue
+            sources = {a for n in inner for a in _occurrences(n) if a not in chain.nodes}
+            if sum(_bytes(s) * 2 >= _bytes(node) and _dies_in(s, inner, first, order) for s in sources) < 2:
+                continue
+            peak = estimate() if peak is None else peak
+            kept = (dict(chain.nodes), dict(chain.entries),
+                    None if chain.needs is None else (dict(chain.needs), dict(chain.rows)))
+            need = chain.nodes[node]
+            for member in inner:
+                del chain.nodes[member]
+                if chain.needs is not None:
+                    del chain.needs[member]
+                    del chain.rows[member]
+            read = {a for member in chain.nodes for a in _occurrences(member)}
+            chain.entries = {e: None for e in chain.entries if e[0] in read}
+            chain.entries[(node, need)] = None
+            node.meta[_STORED_SUM] = True
+            peeled = estimate()
+            if peeled <= peak:
+                peak = peeled
+                continue
+            del node.meta[_STORED_SUM]
+            chain.nodes, chain.entries = kept[0], kept[1]
+            if kept[2] is not None:
+                chain.needs, chain.rows = kept[2]
+
+
+def _entry_made(node: torch.fx.Node, chain: Chain, most: int = 12) -> set[torch.fx.Node] | None:
+    """``node`` and the members it is made from, if they lead back to entries only (no seed, no
+    exit, at most ``most`` ops) and nothing else in the chain reads them."""
+    inner, stack = {node}, [node]
+    while stack:
+        for arg in _occurrences(stack.pop()):
+            if arg in chain.nodes and arg not in inner:
+                if arg is chain.seed or arg in chain.exits or len(inner) >= most:
+                    return None
+                inner.add(arg)
+                stack.append(arg)
+    if chain.seed in inner or any(u not in inner for n in inner - {node} for u in n.users):
+        return None
+    return inner
+
+
+def _dies_in(source: torch.fx.Node, readers: set[torch.fx.Node], first: int, order: dict[torch.fx.Node, int]) -> bool:
+    """Whether the buffer ``source`` is (or views) is read, from ``first`` on, only by ``readers``
+    (through views of it)."""
+    allowed = set(readers)
+    while True:
+        if source.op != "call_function" or any(u not in allowed and order[u] >= first for u in source.users):
+            return False
+        if source.target not in _ALIASES:
+            return True
+        allowed.add(source)
+        source = source.args[0]
 
 
 def _recomputable(node: torch.fx.Node, need: Slicing, chain: Chain, plan: dict[torch.fx.Node, Slicing],
@@ -986,8 +1301,7 @@ def _union(base: Chain, others: list[Chain], order: dict[torch.fx.Node, int]) ->
             sliced = next((_output_slicing(node, index, region[arg], units)
                            for index, arg in enumerate(_occurrences(node)) if arg in region), None)
             if sliced is None:  # a member reading only entries: as its reader in the region needs it
-                sliced = next((need for user in node.users if user in region
-                               for arg, need in zip(_occurrences(user), needs[user]) if arg is node), None)
+                sliced = _reader_need(node, region, needs)
             needed = None if sliced is None or sliced is WHOLE else _input_slicings(node, sliced, units)
             if needed is None:
                 left.append(node)
@@ -1181,11 +1495,8 @@ def _grow_cut(seed: torch.fx.Node, order: dict[torch.fx.Node, int], start: tuple
         by the normalisation), as :func:`_grow` joins them; whether any did."""
         joined = False
         for node in sorted(between, key=order.__getitem__, reverse=True):
-            user = next((u for u in node.users if u in region), None)
-            if user is None or node in region:
-                continue
-            need = needs[user][_occurrences(user).index(node)]
-            if need is not WHOLE and add(node, need):
+            need = None if node in region else _reader_need(node, region, needs)
+            if need is not None and need is not WHOLE and add(node, need):
                 joined = True
         drain()
         return joined
@@ -1682,16 +1993,23 @@ def _store_summed_entries(graph: torch.fx.Graph, chain: Chain) -> None:
     video UNet had five such summands alive (1.3 MB) where their sums needed two. Stored, the
     summands die at the store, and every reader (in the chain or not) reads the sum.
     """
-    order = {node: i for i, node in enumerate(graph.nodes)}
     entries = {arg for node in chain.nodes for arg in _occurrences(node) if arg not in chain.nodes}
+    _store_sums(graph, entries, chain.channels_last)
+
+
+def _store_sums(graph: torch.fx.Graph, candidates: set[torch.fx.Node], channels_last: bool) -> None:
+    """Store each of ``candidates`` that is a pointwise sum of two or more large tensors dying
+    with it (see :func:`_store_summed_entries`)."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
     # In graph order: an entry computed from another (a layout copy of a sum) then reads the
     # stored one, and is not stored itself.
-    for entry in sorted(entries, key=order.__getitem__):
-        if not (entry.op == "call_function" and _is_pointwise(entry) and len(_dying_summands(entry, order)) > 1):
+    for entry in sorted(candidates, key=order.__getitem__):
+        if not (entry.op == "call_function" and _is_pointwise(entry)
+                and (entry.meta.get(_STORED_SUM) or len(_dying_summands(entry, order)) > 1)):
             continue
         value = entry.meta["val"]
         emit = _Emitter(graph, entry.next)
-        buffer = emit(aten.empty_strided.default, (list(value.shape), _buffer_strides(entry, chain.channels_last)),
+        buffer = emit(aten.empty_strided.default, (list(value.shape), _buffer_strides(entry, channels_last)),
                       {"dtype": value.dtype, "device": value.device}, like=entry)
         store = emit(aten.copy_.default, (buffer, entry))
         _read_from_buffer(entry, buffer, emit, keep=lambda user: user is store)
@@ -1863,6 +2181,9 @@ def apply(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     if not described:
         report.status = "unchanged"
         return report
+    # The sums read by several ops outside the chains too (a resnet's output, read by the norm
+    # and the residual add of the motion module after it, each of them computing it again).
+    _store_sums(graph, {n for n in graph.nodes if len(n.users) > 1}, _channels_last_convolutions(gm, ctx.stage))
     _keep_slices_apart()
     _keep_slice_order()
     log.info("op_grouping %s: %d chains sliced, estimated peak %s -> %s", ctx.graph_id, len(described),

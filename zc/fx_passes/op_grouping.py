@@ -873,15 +873,6 @@ def _cover_estimated_peak(graph: torch.fx.Graph, chains: list[Chain], taken: set
     search are dropped. Seeding everything that small instead would slice many chains off the
     peak, each slice a few more kernel calls.
     """
-    def estimate(candidate: list[Chain]) -> tuple[int, int, list[_Item]]:
-        for chain in candidate:
-            chain.slices = min(DEFAULT_SLICES, chain.most_slices())
-        try:
-            return _estimate(graph, candidate)
-        finally:
-            for chain in candidate:
-                chain.slices = 1
-
     def held_at(items: list[_Item], key: Any) -> int:
         """The most bytes alive at ``key``'s op (or at any of its slices)."""
         change = [0] * (len(items) + 1)
@@ -896,7 +887,7 @@ def _cover_estimated_peak(graph: torch.fx.Graph, chains: list[Chain], taken: set
         return most
 
     start_chains, start_taken = list(chains), set(taken)
-    peak, at, items = estimate(chains)
+    peak, at, items = _estimate_cut(graph, chains)
     first_peak = peak
     added: list[Chain] = []
     tried: set[torch.fx.Node] = set()
@@ -923,7 +914,7 @@ def _cover_estimated_peak(graph: torch.fx.Graph, chains: list[Chain], taken: set
                     for chain in new:
                         _drop_trailing_cats(chain)
                         _take(chain, candidate, set())
-                    result = estimate(candidate)
+                    result = _estimate_cut(graph, candidate)
                     rank = (result[0], held_at(result[2], key))
                     if rank[0] <= peak and rank[1] < at_peak and (best is None or rank < best[0]):
                         best = (rank, result, new, dropped)
@@ -1150,15 +1141,6 @@ def _peel_entry_sums(graph: torch.fx.Graph, chains: list[Chain]) -> None:
     one (a motion module's ``permute(proj_out(h)) + residual``, read by the resnet after it: two
     buffers held instead of one). The opposite of :func:`_recompute_entries`, which computes per
     slice an entry made from entries the chain holds anyway."""
-    def estimate() -> int:
-        for chain in chains:
-            chain.slices = min(DEFAULT_SLICES, chain.most_slices())
-        try:
-            return _estimate(graph, chains)[0]
-        finally:
-            for chain in chains:
-                chain.slices = 1
-
     order = {node: index for index, node in enumerate(graph.nodes)}
     peak = None
     for chain in chains:
@@ -1172,7 +1154,7 @@ def _peel_entry_sums(graph: torch.fx.Graph, chains: list[Chain]) -> None:
             sources = {a for n in inner for a in _occurrences(n) if a not in chain.nodes}
             if sum(_bytes(s) * 2 >= _bytes(node) and _dies_in(s, inner, first, order) for s in sources) < 2:
                 continue
-            peak = estimate() if peak is None else peak
+            peak = _estimate_cut(graph, chains)[0] if peak is None else peak
             kept = (dict(chain.nodes), dict(chain.entries),
                     None if chain.needs is None else (dict(chain.needs), dict(chain.rows)))
             need = chain.nodes[node]
@@ -1185,7 +1167,7 @@ def _peel_entry_sums(graph: torch.fx.Graph, chains: list[Chain]) -> None:
             chain.entries = {e: None for e in chain.entries if e[0] in read}
             chain.entries[(node, need)] = None
             node.meta[_STORED_SUM] = True
-            peeled = estimate()
+            peeled = _estimate_cut(graph, chains)[0]
             if peeled <= peak:
                 peak = peeled
                 continue
@@ -1773,6 +1755,18 @@ def _estimate(graph: torch.fx.Graph, chains: Sequence[Chain]) -> tuple[int, int,
     items = _schedule(graph, chains)
     peak, at = _simulate_peak(items)
     return peak, at, items
+
+
+def _estimate_cut(graph: torch.fx.Graph, chains: Sequence[Chain]) -> tuple[int, int, list[_Item]]:
+    """:func:`_estimate` with every chain cut ``DEFAULT_SLICES`` times (as far as it can be), for
+    the searches that run before the slice counts are chosen; the counts are left at 1."""
+    for chain in chains:
+        chain.slices = min(DEFAULT_SLICES, chain.most_slices())
+    try:
+        return _estimate(graph, chains)
+    finally:
+        for chain in chains:
+            chain.slices = 1
 
 
 def choose_slices(graph: torch.fx.Graph, chains: list[Chain], config: OpGroupingConfig) -> tuple[int, int]:

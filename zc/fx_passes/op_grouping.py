@@ -1703,11 +1703,12 @@ def _schedule(graph: torch.fx.Graph, chains: Sequence[Chain]) -> list[_Item]:
     done: set[torch.fx.Node] = set()
     deferred: list[torch.fx.Node] = []
 
+    # (all_input_nodes: each input once, which is all the schedule needs, without walking args.)
     def ready(node: torch.fx.Node) -> bool:
-        return all(arg in done or arg.op in ("placeholder", "get_attr") for arg in _occurrences(node))
+        return all(arg in done or arg.op in ("placeholder", "get_attr") for arg in node.all_input_nodes)
 
     def place(node: torch.fx.Node) -> None:
-        items.append(_Item(node, _bytes(node) if _materialized(node) else 0, _occurrences(node),
+        items.append(_Item(node, _bytes(node) if _materialized(node) else 0, node.all_input_nodes,
                            node.args[0] if node.target in _ALIASES else None))
         done.add(node)
 
@@ -1726,26 +1727,33 @@ def _schedule(graph: torch.fx.Graph, chains: Sequence[Chain]) -> list[_Item]:
         largest_slice = math.ceil(chain.units / chain.slices)
         for exit_node in chain.exits:
             items.append(_Item(exit_node, _bytes(exit_node), []))
-        for k in range(chain.slices):
-            for member in chain.nodes:
-                reads = [(a, k) if a in chain.nodes else a for a in _occurrences(member)]
-                size = _bytes(member) * largest_slice // chain.units if _materialized(member) or member in chain.exits else 0
-                alias = (member.args[0], k) if member.target in _ALIASES and member.args[0] in chain.nodes else None
-                if member.target in _ALIASES and alias is None:
-                    size = 0
-                items.append(_Item((member, k), size, reads, alias))
+        # Per member, what every slice's copy of it holds and reads (k filled in below).
+        block = []
+        for member in chain.nodes:
+            size = _bytes(member) * largest_slice // chain.units if _materialized(member) or member in chain.exits else 0
+            aliased = member.target in _ALIASES
+            if aliased and member.args[0] not in chain.nodes:
+                size = 0
+            inputs = [(a, a in chain.nodes) for a in member.all_input_nodes]
+            block.append((member, size, inputs, aliased and member.args[0] in chain.nodes))
+        # Every slice holds the same: the exits' buffers and the entries, alive through the
+        # block, and its own intermediates. The first and the last slice (where the entries die)
+        # give the block's peak; the slices between repeat the first.
+        for k in sorted({0, chain.slices - 1}):
+            for member, size, inputs, aliased in block:
+                reads = [(a, k) if inside else a for a, inside in inputs]
+                items.append(_Item((member, k), size, reads, (member.args[0], k) if aliased else None))
             for exit_node in chain.exits:
                 items.append(_Item(("copy", exit_node, k), 0, [(exit_node, k), exit_node]))
         done.update(chain.nodes)
-        progress = True
-        while progress:  # the ops that waited for this block's exits, in graph order
-            progress = False
-            for waiting in list(deferred):
-                if ready(waiting):
-                    deferred.remove(waiting)
-                    place(waiting)
-                    progress = True
-                    break
+        # The ops that waited for this block's exits, in graph order: one pass suffices, since a
+        # deferred op reads only ops before it in the graph.
+        waiting, deferred = deferred, []
+        for node in waiting:
+            if ready(node):
+                place(node)
+            else:
+                deferred.append(node)
     for node in deferred:
         place(node)
     return items

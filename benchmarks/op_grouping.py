@@ -27,6 +27,8 @@ other jobs, OpenMP kernels with 2 threads stall at their barriers whenever a cor
 penalises a call in proportion to how many kernels it launches (measured: eight 512-row GEMMs
 take 1.4x the time of one 4096-row GEMM with 2 threads under load, 0.75x with 1 thread).
 Outputs are compared with Inductor's (``max_abs_vs_inductor``, exact when 0) and eager's.
+For the decoders, Inductor's time per convolution shape is profiled too
+(``inductor_convolution_times``): what computing an activation twice instead of holding it would cost.
 Writes ``benchmarks/results/<device>/op_grouping[-quick].json`` and a PNG.
 
 On a machine with a GPU, models and inputs go to it and both memory columns are the CUDA caching
@@ -284,6 +286,29 @@ def zc_report(name: str, quick: bool) -> dict[str, Any]:
     }
 
 
+def convolution_times(call: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
+    """Milliseconds per call of each convolution shape (``aten::convolution``, from the profiler)
+    and of the whole call: what recomputing one convolution's output would add."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        seconds = time.perf_counter() - start
+    by_shape: dict[str, float] = {}
+    for event in prof.events():
+        if event.name == "aten::convolution":
+            key = f"{event.input_shapes[0]} * {event.input_shapes[1]}"
+            by_shape[key] = by_shape.get(key, 0.0) + event.cpu_time_total / 1e3 / calls
+    call_ms = seconds * 1e3 / calls
+    return {"call_ms": call_ms, "convolutions": [
+        {"input * weight": key, "ms": ms, "share_of_call": ms / call_ms}
+        for key, ms in sorted(by_shape.items(), key=lambda kv: -kv[1])]}
+
+
 def run_workload(name: str, quick: bool, rounds: int, threads: int) -> dict[str, Any]:
     names = variant_names(name, quick)
     memory = {}
@@ -304,6 +329,11 @@ def run_workload(name: str, quick: bool, rounds: int, threads: int) -> dict[str,
     reference = outputs["inductor"]
     scale = outputs["eager"].abs().max().item()
     result = {"variants": {}, "zc_report": zc_report(name, quick)}
+    if name.startswith("vae"):
+        # Inductor's time per convolution: the price of computing a large activation twice
+        # instead of holding it whole (what an exact schedule below a group norm's input needs).
+        with torch.no_grad():
+            result["inductor_convolution_times"] = convolution_times(calls["inductor"])
     for variant in names:
         ratio = statistics.median(t / r for t, r in zip(per_round[variant], per_round["inductor"]))
         result["variants"][variant] = {
@@ -370,6 +400,10 @@ def main(argv: list[str] | None = None) -> None:
                  f"{m['median_ms']:.0f}", f"{m['time_vs_inductor']:.2f}", f"{m['max_abs_vs_inductor']:.2g}",
                  f"{m['rel_err_vs_eager']:.2g}"]
                 for v, m in block["variants"].items()]
+        if "inductor_convolution_times" in block:
+            times = block["inductor_convolution_times"]
+            print(f"Inductor convolutions (profiled, call {times['call_ms']:.0f} ms): " + ", ".join(
+                f"{c['input * weight']} {c['ms']:.1f} ms ({c['share_of_call']:.0%})" for c in times["convolutions"][:4]))
         print(format_table(["variant", "peak alloc. MB", "alloc / inductor", "RSS peak MB", "median ms",
                             "time / inductor", "max |out - inductor|", "rel err vs eager"], rows), flush=True)
     name = "op_grouping" + ("-quick" if args.quick else "")

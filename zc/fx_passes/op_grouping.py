@@ -1308,6 +1308,13 @@ def _union(base: Chain, others: list[Chain], order: dict[torch.fx.Node, int]) ->
 # computed from the same inputs as in the whole image: no seams. Reductions over the rows (the
 # statistics of a group norm) never join: the statistics are computed on the whole tensor before
 # the chain and read whole by every band, which applies the normalisation to its rows.
+#
+# So a group norm's input is held whole, and each exit is one buffer: a resnet at full resolution
+# holds its input, its first convolution's output and its own output at once (the floor of a
+# batch-1 decode, 1.25x below Inductor; README). Lower needs exits kept as per-band buffers, each
+# freed once the next chain's bands have read it with their halo (at most 2.5x there: the
+# upsampler's output is held whole for its norm), or that output computed twice, statistics
+# first (a convolution at full resolution again).
 
 
 def _row_index(node: torch.fx.Node) -> torch.Tensor | None:

@@ -21,7 +21,9 @@ subprocess after two calls (compile, warm-up):
   high-water mark reset (``/proc/self/clear_refs``), ``VmHWM`` after one call minus ``VmRSS``
   before it. It misses allocations under the mmap threshold served from heap pages earlier calls
   left resident (the UNet's small slices read "0.0" this way), so it is kept as a cross-check. Time per call is measured in the parent process, all
-variants interleaved in short blocks (the machine is shared and drifts), as ratios to Inductor.
+variants interleaved in short blocks (the machine is shared and drifts), as the median over 9 rounds
+of the ratio to Inductor (3 rounds let one slow round decide: the batch-4 decoder read 1.18x once,
+1.02x-1.05x in other runs of the same code).
 Timings use ``--threads`` intra-op threads (1 by default): on the 2-core machine shared with three
 other jobs, OpenMP kernels with 2 threads stall at their barriers whenever a core is taken, which
 penalises a call in proportion to how many kernels it launches (measured: eight 512-row GEMMs
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     device = select_device()
     results: dict[str, Any] = {"environment": environment(device), "zc_slices": ZC_SLICES, "threads": args.threads}
     for name in args.only or WORKLOADS:
-        results[name] = run_workload(name, args.quick, rounds=3 if args.quick else 5, threads=args.threads)
+        results[name] = run_workload(name, args.quick, rounds=9, threads=args.threads)
         block = results[name]
         print(f"\n{name} {block['inputs']}  (zc chains: {block['zc_report']['chains']})")
         rows = [[v, f"{m['peak_allocated_mb']:.2f}", f"{m['allocated_vs_inductor']:.3f}", f"{m['peak_activation_mb']:.1f}",

@@ -356,7 +356,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     workloads = [w for w in WORKLOADS if w in results]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, key, label in ((axes[0], "peak_allocated_mb", "peak allocated MB (measured, profiler)"),
                            (axes[1], "time_vs_inductor", "time / Inductor time")):
         variants = list(dict.fromkeys(v for w in workloads for v in results[w]["variants"]))
@@ -368,10 +368,12 @@ def plot(path: Path, results: dict[str, Any]) -> None:
             ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(workloads)), workloads)
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=8)
+    # below both panels, so it never covers a bar (the decoders' tall bars filled every corner)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
     device = "GPU" if select_device().type == "cuda" else "CPU"
     fig.suptitle(f"op_grouping ({device}, fp32): peak activation memory and time")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -1738,18 +1738,19 @@ def _schedule(graph: torch.fx.Graph, chains: Sequence[Chain]) -> list[_Item]:
         block = []
         for member in chain.nodes:
             size = _bytes(member) * largest_slice // chain.units if _materialized(member) or member in chain.exits else 0
-            aliased = member.target in _ALIASES
-            if aliased and member.args[0] not in chain.nodes:
+            is_view = member.target in _ALIASES
+            views_member = is_view and member.args[0] in chain.nodes  # a view of this slice's copy
+            if is_view and not views_member:
                 size = 0
             inputs = [(a, a in chain.nodes) for a in member.all_input_nodes]
-            block.append((member, size, inputs, aliased and member.args[0] in chain.nodes))
+            block.append((member, size, inputs, views_member))
         # Every slice holds the same: the exits' buffers and the entries, alive through the
         # block, and its own intermediates. The first and the last slice (where the entries die)
         # give the block's peak; the slices between repeat the first.
         for k in sorted({0, chain.slices - 1}):
-            for member, size, inputs, aliased in block:
+            for member, size, inputs, views_member in block:
                 reads = [(a, k) if inside else a for a, inside in inputs]
-                items.append(_Item((member, k), size, reads, (member.args[0], k) if aliased else None))
+                items.append(_Item((member, k), size, reads, (member.args[0], k) if views_member else None))
             for exit_node in chain.exits:
                 items.append(_Item(("copy", exit_node, k), 0, [(exit_node, k), exit_node]))
         done.update(chain.nodes)
